@@ -1,0 +1,28 @@
+# The two commands: `make demo` and `make test`. Both run the idempotent set-up first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export NLTK_DATA := $(CURDIR)/.nltk_data
+
+.PHONY: setup demo test test-quick bench lint clean
+
+setup:
+	@infra/setup.sh
+
+demo: setup
+	@$(PY) -m pipeline.demo
+
+test: setup
+	@$(PY) -m pytest -q
+
+test-quick: setup
+	@$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	@$(PY) benchmarks/run_all.py
+
+lint: setup
+	@$(VENV)/bin/ruff check pipeline crowd dags tests benchmarks
+
+clean:
+	rm -rf $(VENV) .venv-labelstudio .nltk_data demo-output test-artifacts

@@ -1,0 +1,69 @@
+"""`synsetforge` command line. Each stage module registers its own subcommands.
+
+A stage module exposes `register_cli(subparsers)`, adding a parser whose `func(args, settings)` returns
+an exit code. The list below is the only place that names them, so adding a stage is one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pipeline.config import ConfigError, load_settings
+
+COMMAND_MODULES = (
+    "pipeline.vocabulary",
+    "pipeline.sources.cli",
+    "pipeline.ingest.cli",
+    "crowd.cli",
+    "pipeline.qc.cli",
+    "pipeline.boxes",
+    "pipeline.release.cli",
+    "pipeline.evaluate",
+)
+
+
+class UserError(Exception):
+    """An error the user can act on: printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synsetforge",
+        description="Build ImageNet-style datasets: vocabulary -> collect -> ingest -> crowd/qc -> boxes -> release -> evaluate.",
+    )
+    parser.add_argument("--config", help="TOML configuration file (also SYNSETFORGE_CONFIG)")
+    parser.add_argument("--store", help="store URL: a folder, file://... or s3://bucket/prefix (overrides the config)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):  # that stage is not part of this build
+                continue
+            raise
+        module.register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        overrides = {"store": {"url": args.store}} if args.store else None
+        settings = load_settings(args.config, overrides=overrides)
+        return int(args.func(args, settings) or 0)
+    except (ConfigError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

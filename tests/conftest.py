@@ -1,0 +1,84 @@
+"""Shared fixtures. Airflow's environment is set here, before any test module can import airflow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+_AIRFLOW_HOME = tempfile.mkdtemp(prefix="sf-airflow-")
+os.environ.setdefault("AIRFLOW_HOME", _AIRFLOW_HOME)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__PARALLELISM"] = "2"
+os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
+os.environ.setdefault("NLTK_DATA", str(ROOT / ".nltk_data"))
+# Credentials for boto3 against moto; never real ones.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+from pipeline.services import start_moto  # noqa: E402
+from pipeline.store import LocalStore, S3Store  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def moto_server(artifacts_dir):
+    """A real moto S3 server on 127.0.0.1, stopped by PID at the end of the session."""
+    service = start_moto(artifacts_dir)
+    yield service.url
+    service.stop()
+    assert service.process.poll() is not None
+
+
+@pytest.fixture
+def s3_bucket(moto_server):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto_server)
+    bucket = f"sf-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    return client, bucket
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    """The same test cases run on both backends."""
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    client, bucket = request.getfixturevalue("s3_bucket")
+    return S3Store(bucket, "root", client=client)
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Migrate a fresh SQLite metadata DB under the temp AIRFLOW_HOME once per session."""
+    airflow = Path(sys.executable).with_name("airflow")
+    result = subprocess.run([str(airflow), "db", "migrate"], capture_output=True, text=True, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr[-3000:]
+    return os.environ["AIRFLOW_HOME"]
+
+
+def run_dag(dag_id: str, conf: dict | None = None):
+    """Run a DAG from dags/ with dag.test() and return the DagRun (callers assert its state)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"), include_examples=False)
+    assert not bag.import_errors, bag.import_errors
+    dag = bag.get_dag(dag_id)
+    assert dag is not None, f"no DAG {dag_id!r} in dags/"
+    return dag.test(run_conf=conf or {})

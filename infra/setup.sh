@@ -47,8 +47,8 @@ WN=.nltk_data/corpora/wordnet
 if [ ! -f "$WN/data.noun" ] || [ ! -f "$WN/lexnames" ]; then
   mkdir -p "$WN"
   if [ -f /usr/share/wordnet/data.noun ] && [ -f /usr/share/wordnet/index.sense ]; then
-    log "linking Debian's WordNet 3.0 into $WN"
-    for f in /usr/share/wordnet/*; do [ -f "$f" ] && ln -sf "$f" "$WN/$(basename "$f")"; done
+    log "copying Debian's WordNet 3.0 into $WN (nltk refuses symlinks that leave its data folder)"
+    for f in /usr/share/wordnet/*; do [ -f "$f" ] && cp "$f" "$WN/"; done
     cp infra/wordnet-lexnames "$WN/lexnames"  # not shipped by Debian; see lexnames(5WN)
   else
     log "no Debian WordNet; downloading with nltk"

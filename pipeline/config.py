@@ -50,8 +50,21 @@ class VocabularySettings(Section):
 class CollectSettings(Section):
     sources: list[str] = Field(default_factory=lambda: ["local_dir"])
     per_synset_budget: int = Field(1000, ge=1)
-    allowed_licenses: list[str] | None = None
+    allowed_licenses: list[str] | None = Field(
+        None, description="keep only these license families, e.g. [cc0, pdm, cc-by, cc-by-sa]; None keeps all"
+    )
     flickr_api_key: SecretStr | None = None
+    openverse_url: str = Field("https://api.openverse.org", description="Openverse API base URL")
+    wikimedia_url: str = Field("https://commons.wikimedia.org/w/api.php", description="MediaWiki API endpoint")
+    flickr_url: str = Field("https://api.flickr.com/services/rest/", description="Flickr REST endpoint")
+    page_size: int = Field(50, ge=1, le=500, description="results asked per API page (each API caps it)")
+    http_timeout_s: float = Field(20.0, gt=0, description="connect and read timeout for search API calls")
+    max_retries: int = Field(4, ge=0, description="retries of a search API call on 429 / 5xx / timeout")
+    max_retry_after_s: float = Field(120.0, ge=0, description="longest Retry-After honoured before giving up")
+    url_list: str | None = Field(None, description="txt / csv / parquet file of image URLs (url, optional wnid)")
+    local_dir: str | None = Field(None, description="folder with one sub-folder of images per wnid")
+    s3_prefix: str | None = Field(None, description="s3://bucket/prefix with one sub-prefix of images per wnid")
+    user_agent: str = Field("synsetforge/0.1 (dataset builder)", description="sent to search APIs")
 
 
 class IngestSettings(Section):
@@ -59,6 +72,25 @@ class IngestSettings(Section):
     per_host: int = Field(4, ge=1)
     max_bytes: int = Field(20_000_000, ge=1)
     allow_private_addresses: bool = False
+    allowed_networks: list[str] = Field(
+        default_factory=list, description="CIDRs fetched even though private/loopback, e.g. [127.0.0.0/8] in tests"
+    )
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(20.0, gt=0, description="longest wait for any single read")
+    total_timeout_s: float = Field(60.0, gt=0, description="whole download of one URL, redirects included")
+    max_retries: int = Field(3, ge=0, description="retries on 429 / 5xx / connection errors")
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each time")
+    max_retry_after_s: float = Field(60.0, ge=0, description="a longer Retry-After settles the URL as http_429")
+    max_redirects: int = Field(5, ge=0)
+    user_agent: str = "synsetforge/0.1 (dataset builder)"
+    min_side: int = Field(32, ge=1, description="smaller images are rejected as too_small")
+    max_side: int = Field(20_000, ge=1, description="larger images are rejected as too_large")
+    max_pixels: int = Field(89_478_485, ge=1, description="Pillow's decompression-bomb limit")
+    allowed_formats: list[str] = Field(default_factory=lambda: ["jpeg", "png", "gif", "webp", "bmp", "tiff"])
+    allow_animated: bool = Field(False, description="keep the first frame of animated images instead of rejecting")
+    jpeg_quality: int = Field(90, ge=50, le=100, description="quality of the one re-encode of non-clean images")
+    processes: int = Field(1, ge=1, description="worker processes (each runs `concurrency` download threads)")
+    flush_every: int = Field(1000, ge=1, description="rows per checkpoint part (resume granularity)")
 
 
 class QCSettings(Section):
@@ -71,7 +103,17 @@ class CrowdSettings(Section):
     url: str | None = Field(None, description="Label Studio base URL")
     token: SecretStr | None = None
     pseudonym_key: SecretStr | None = None
-    gold_rate: float = Field(0.1, ge=0.0, le=1.0)
+    gold_rate: float = Field(0.1, ge=0.0, lt=1.0, description="share of pushed tasks that are gold controls")
+    project_prefix: str = Field("synsetforge", min_length=1, description="project titles are '<prefix> <kind>'")
+    default_overlap: int = Field(3, ge=1, description="annotations per task when the push plan says none")
+    batch_size: int = Field(500, ge=1, le=10_000, description="tasks per import call")
+    files_root: str | None = Field(
+        None, description="LOCAL_FILES_DOCUMENT_ROOT of the Label Studio server (default: the local store's root)")
+    image_url_expiry_s: int = Field(7 * 24 * 3600, ge=60, description="lifetime of presigned S3 image URLs")
+    gold_min_n: int = Field(5, ge=1, description="gold answers a worker needs before they can be flagged")
+    gold_min_accuracy: float = Field(0.7, ge=0.0, le=1.0, description="workers below this gold accuracy are flagged")
+    data_dir: str = Field(".labelstudio", description="data dir of the server `synsetforge crowd serve` starts")
+    retries: int = Field(5, ge=0, description="retries of a failed Label Studio call, with exponential backoff")
 
 
 class ReleaseSettings(Section):
@@ -167,8 +209,7 @@ def load_settings(
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration file {p}: {exc}") from None
-        probe = Settings.model_validate(data) if data else Settings()
-        for secret in _secret_paths(probe):
+        for secret in _secret_paths(Settings()):
             node: Any = data
             for part in secret:
                 node = node.get(part) if isinstance(node, dict) else None

@@ -1,0 +1,44 @@
+"""Vocabulary DAG: select WordNet synsets and write the `synsets` table. Wiring only; the work is in
+pipeline.vocabulary, the same code `synsetforge vocab` runs."""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, task
+
+SYNSETS = Asset("synsetforge://tables/synsets")
+
+
+@dag(
+    dag_id="synsetforge_vocabulary",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    tags=["synsetforge"],
+    params={
+        "roots": Param([], type="array", description="root wnids or synset names, e.g. n02084071"),
+        "max_depth": Param(None, type=["null", "integer"], minimum=0, description="levels below each root"),
+        "leaves_only": Param(False, type="boolean"),
+        "wnid_file": Param(None, type=["null", "string"], description="file with one wnid per line"),
+        "exclude": Param([], type="array"),
+        "store": Param(None, type=["null", "string"], description="store URL; default from configuration"),
+    },
+    doc_md=__doc__,
+)
+def synsetforge_vocabulary():
+    @task(outlets=[SYNSETS])
+    def build_vocabulary(params=None) -> dict:
+        from pipeline.dagtools import settings_from_params
+        from pipeline.store import open_store
+        from pipeline.vocabulary import run_vocabulary
+
+        settings = settings_from_params(params, "vocabulary", ["roots", "max_depth", "leaves_only", "wnid_file", "exclude"])
+        store = open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+        summary = run_vocabulary(settings, store)
+        summary.pop("depth_range", None)
+        return summary
+
+    build_vocabulary()
+
+
+synsetforge_vocabulary()

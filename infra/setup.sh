@@ -3,6 +3,8 @@
 # the project venv (.venv), Label Studio's own venv (.venv-labelstudio) and an nltk data folder.
 # Each step is skipped when its stamp matches, so a second run takes seconds.
 set -euo pipefail
+# This machine's pip config names local indexes that may be absent; hide that noise, keep real errors.
+quiet_pip() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3.11}
@@ -29,7 +31,7 @@ REQ_HASH=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if ! stamp_ok .venv/.synsetforge-stamp "$REQ_HASH"; then
   log "creating .venv (Airflow, pandas, pyarrow, nltk, boto3, moto, label-studio-sdk, pytest, ...)"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -e .
+  quiet_pip .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -e .
   echo "$REQ_HASH" > .venv/.synsetforge-stamp
 fi
 
@@ -38,14 +40,14 @@ LS_HASH=$(sha256sum requirements-labelstudio.txt | cut -d' ' -f1)
 if ! stamp_ok .venv-labelstudio/.synsetforge-stamp "$LS_HASH"; then
   log "creating .venv-labelstudio (Label Studio server)"
   [ -x .venv-labelstudio/bin/python ] || "$PY" -m venv .venv-labelstudio
-  .venv-labelstudio/bin/pip install -q --disable-pip-version-check -r requirements-labelstudio.txt
+  quiet_pip .venv-labelstudio/bin/pip install -q --disable-pip-version-check -r requirements-labelstudio.txt
   echo "$LS_HASH" > .venv-labelstudio/.synsetforge-stamp
 fi
 
 # 4. WordNet 3.0 for nltk, offline: arrange Debian's files as an nltk corpora/wordnet folder.
 WN=.nltk_data/corpora/wordnet
-if [ ! -f "$WN/data.noun" ] || [ ! -f "$WN/lexnames" ]; then
-  mkdir -p "$WN"
+if [ ! -f "$WN/data.noun" ] || [ -L "$WN/data.noun" ] || [ ! -f "$WN/lexnames" ]; then
+  rm -rf "$WN"; mkdir -p "$WN"
   if [ -f /usr/share/wordnet/data.noun ] && [ -f /usr/share/wordnet/index.sense ]; then
     log "copying Debian's WordNet 3.0 into $WN (nltk refuses symlinks that leave its data folder)"
     for f in /usr/share/wordnet/*; do [ -f "$f" ] && cp "$f" "$WN/"; done

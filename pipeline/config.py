@@ -91,12 +91,23 @@ class IngestSettings(Section):
     jpeg_quality: int = Field(90, ge=50, le=100, description="quality of the one re-encode of non-clean images")
     processes: int = Field(1, ge=1, description="worker processes (each runs `concurrency` download threads)")
     flush_every: int = Field(1000, ge=1, description="rows per checkpoint part (resume granularity)")
+    reuse_validation: bool = Field(True, description="bytes seen before in this run reuse their validation outcome")
 
 
 class QCSettings(Section):
     accept_at: float = Field(0.99, gt=0.5, lt=1.0)
     reject_at: float = Field(0.01, gt=0.0, lt=0.5)
     max_votes_per_image: int = Field(10, ge=1)
+    initial_votes: int = Field(2, ge=1, description="votes asked for an image nobody has voted on yet")
+    max_batch: int | None = Field(None, ge=1, description="most votes asked per image per push (None = as many as needed)")
+    budget_per_synset: int | None = Field(None, ge=1, description="total votes a synset may use (None = no limit)")
+    prior_accuracy: float = Field(0.8, gt=0.5, lt=1.0, description="assumed accuracy of a worker with no history")
+    prior_strength: float = Field(4.0, ge=0.0, description="pseudo-answers behind prior_accuracy")
+    min_votes_to_flag: int = Field(20, ge=1)
+    min_gold_to_flag: int = Field(5, ge=1)
+    gold_min_accuracy: float = Field(0.6, ge=0.0, le=1.0)
+    block_below_accuracy: float = Field(0.7, ge=0.0, lt=1.0, description="flag (block) workers estimated below this")
+    ds_max_iter: int = Field(100, ge=1)
 
 
 class CrowdSettings(Section):
@@ -120,6 +131,9 @@ class ReleaseSettings(Section):
     val_per_class: int = Field(50, ge=0)
     test_per_class: int = Field(100, ge=0)
     split_salt: str = "synsetforge"
+    neardup_check: bool = Field(True, description="drop train images that are near-duplicates of val/test images")
+    report_thumbs_per_class: int = Field(8, ge=0, description="thumbnails per class in report.html")
+    report_max_thumb_classes: int = Field(200, ge=0, description="classes shown in the thumbnail grid")
 
 
 class Settings(Section):

@@ -212,9 +212,8 @@ class S3Store(Store):
             raise StoreError(f"S3 head of {self.url}/{key} failed: {exc}") from exc
 
     def _iter_keys(self, prefix: str) -> Iterator[str]:
-        full = self._k(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
-        if prefix.endswith("/") and not full.endswith("/"):
-            full += "/"
+        base = self.prefix + "/" if self.prefix else ""
+        full = base + prefix
         cut = len(self.prefix) + 1 if self.prefix else 0
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             for obj in page.get("Contents", []):
@@ -222,7 +221,7 @@ class S3Store(Store):
 
     def list(self, prefix: str = "") -> list[str]:
         if prefix:
-            _check_key(prefix.rstrip("/") or "x")
+            _check_key(prefix.rstrip("/"))
         return sorted(self._iter_keys(prefix))
 
     def delete(self, key: str) -> None:

@@ -77,8 +77,36 @@ def run_dag(dag_id: str, conf: dict | None = None):
     """Run a DAG from dags/ with dag.test() and return the DagRun (callers assert its state)."""
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(ROOT / "dags"), include_examples=False)
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert not bag.import_errors, bag.import_errors
     dag = bag.get_dag(dag_id)
     assert dag is not None, f"no DAG {dag_id!r} in dags/"
     return dag.test(run_conf=conf or {})
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+def make_browser(width: int = 1280, height: int = 900):
+    """Headless Debian Chromium driven by Selenium. Nothing is downloaded: the binaries come from apt."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as ChromeService
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", f"--window-size={width},{height}",
+                 f"--user-data-dir={tempfile.mkdtemp(prefix='sf-chrome-')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=ChromeService(CHROMEDRIVER), options=options)
+
+
+@pytest.fixture
+def browser():
+    """A fresh headless Chromium per test; quit (and its processes gone) at the end."""
+    driver = make_browser()
+    yield driver
+    driver.quit()

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_every_dag_file_imports(airflow_db):
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(ROOT / "dags"), include_examples=False)
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert not bag.import_errors, bag.import_errors
     files = {Path(p).name for p in ROOT.joinpath("dags").glob("*.py")}
     assert {Path(d.fileloc).name for d in bag.dags.values()} == files

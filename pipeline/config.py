@@ -106,7 +106,7 @@ class QCSettings(Section):
     min_votes_to_flag: int = Field(20, ge=1)
     min_gold_to_flag: int = Field(5, ge=1)
     gold_min_accuracy: float = Field(0.6, ge=0.0, le=1.0)
-    block_below_accuracy: float = Field(0.7, ge=0.0, lt=1.0, description="flag (block) workers estimated below this")
+    block_below_accuracy: float = Field(0.75, ge=0.0, lt=1.0, description="flag (block) workers estimated below this")
     ds_max_iter: int = Field(100, ge=1)
 
 

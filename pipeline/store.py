@@ -17,8 +17,9 @@ import io
 import os
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -101,7 +102,7 @@ class Store(ABC):
         except MissingKey:
             if missing_ok:
                 return empty_table(name)
-            raise MissingKey(f"table {name!r} not found at {self.url}/{key}; run the stage that writes it first")
+            raise MissingKey(f"table {name!r} not found at {self.url}/{key}; run the stage that writes it first") from None
         return validate(name, pq.read_table(io.BytesIO(data)))
 
     def has_table(self, name: str, key: str | None = None) -> bool:

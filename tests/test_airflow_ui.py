@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_dag
+
 from pipeline.services import free_port, start_service
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,1 @@
+"""Ingest stage: download, validation, fingerprints and de-duplication of candidate images."""

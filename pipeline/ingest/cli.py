@@ -1,0 +1,71 @@
+"""`synsetforge ingest`: download, validate and store every unsettled candidate; print accepted / rejected by
+reason / duplicates. Interrupt it at any time: rerunning the same command resumes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def summary_rows(summary: dict[str, Any]) -> list[list[Any]]:
+    rows: list[list[Any]] = [
+        ["fetched this run", summary.get("fetched", 0)],
+        ["skipped (already settled)", summary.get("skipped_settled", 0)],
+        ["accepted", summary.get("accepted", 0)],
+        ["duplicates (exact)", summary.get("duplicates", 0)],
+        ["near duplicates", summary.get("near_duplicates", 0)],
+        ["images in several synsets", summary.get("multi_synset_images", 0)],
+        ["rejected", sum(summary.get("rejected", {}).values())],
+    ]
+    rows += [[f"  {reason}", n] for reason, n in sorted(summary.get("rejected", {}).items(), key=lambda kv: -kv[1])]
+    return rows
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Any) -> int:
+    from tabulate import tabulate
+    from tqdm import tqdm
+
+    from pipeline.ingest.stage import run_ingest
+    from pipeline.store import open_store
+
+    for key in ("concurrency", "per_host", "processes"):
+        if getattr(args, key):
+            setattr(settings.ingest, key, getattr(args, key))
+    if args.local_dir:  # file:// candidates are read only under this root
+        settings.collect.local_dir = args.local_dir
+    store = open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+    bar = tqdm(desc="ingest", unit="url", disable=args.no_progress or not sys.stderr.isatty(), file=sys.stderr)
+    stats = {"ok": 0, "bad": 0}
+
+    def on_result(row: dict[str, Any]) -> None:
+        stats["ok" if row["status"] != "rejected" else "bad"] += 1
+        bar.update(1)
+        bar.set_postfix(accepted=stats["ok"], rejected=stats["bad"], refresh=False)
+
+    try:
+        summary = run_ingest(store, settings, wnids=args.wnid, limit=args.limit, on_result=on_result,
+                             on_start=lambda n: setattr(bar, "total", n))
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(tabulate(summary_rows(summary), headers=["ingest", "count"], tablefmt="github"))
+        print(f"{summary['fetched']} URLs in {summary['seconds']:.1f}s")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser("ingest", help="download + validate candidates (writes images, image_links, blobs)",
+                              description=__doc__)
+    p.add_argument("--wnid", action="append", help="only candidates of this synset (repeatable)")
+    p.add_argument("--limit", type=int, help="fetch at most N URLs this run")
+    p.add_argument("--concurrency", type=int, help="downloads in flight (ingest.concurrency)")
+    p.add_argument("--per-host", type=int, dest="per_host", help="downloads in flight per host (ingest.per_host)")
+    p.add_argument("--processes", type=int, help="worker processes, each with its share of the threads (ingest.processes)")
+    p.add_argument("--local-dir", help="root of file:// candidates (collect.local_dir); others are refused")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_ingest)

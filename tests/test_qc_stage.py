@@ -101,3 +101,17 @@ def test_run_qc_on_s3(store):
     store.write_table("tasks", tasks)
     summary = run_qc(store, load_settings(env={}))
     assert summary["pairs"] == 4 and store.has_table("push_plan") and store.has_table("workers")
+
+
+def test_run_qc_plans_first_votes_for_ingested_links_but_not_near_copies(tmp_path):
+    store = LocalStore(tmp_path / "s")
+    links = pd.DataFrame({
+        "image_id": ["a" * 64, "b" * 64, "c" * 64], "wnid": [WNID] * 3, "url": ["u1", "u2", "u3"],
+        "source": ["local_dir"] * 3, "rank": [0, 1, 2], "n_urls": [1, 1, 1], "n_synsets": [1, 1, 1],
+        "multi_synset": [False] * 3, "near_duplicate_of": [None, None, "a" * 64],
+    })
+    store.write_table("image_links", links)
+    summary = run_qc(store, load_settings(env={}))
+    plan = store.read_table("push_plan").to_pandas()
+    assert sorted(plan["image_id"]) == ["a" * 64, "b" * 64]  # the near copy of a is not paid for twice
+    assert (plan["n_more"] > 0).all() and summary["pending"] == 2

@@ -102,10 +102,21 @@ def aggregate(votes: pd.DataFrame, tasks: pd.DataFrame, pairs: pd.DataFrame | No
     return labels, workers, push_plan, model
 
 
+def pairs_to_verify(links: pd.DataFrame) -> pd.DataFrame:
+    """(image_id, wnid) pairs the crowd must decide: the ingest stage's links, minus near duplicates of a kept image
+    (voting on a copy would pay twice for one photo)."""
+    if not len(links):
+        return pd.DataFrame({"image_id": pd.Series(dtype=object), "wnid": pd.Series(dtype=object)})
+    kept = links[links["near_duplicate_of"].isna()]
+    return kept[["image_id", "wnid"]].drop_duplicates().reset_index(drop=True)
+
+
 def run_qc(store: Any, settings: Any, pairs: pd.DataFrame | None = None) -> dict[str, Any]:
     """Read votes/tasks, aggregate, write labels, workers and push_plan; returns a summary dict."""
     votes = store.read_table("votes", missing_ok=True).to_pandas()
     tasks = store.read_table("tasks", missing_ok=True).to_pandas()
+    if pairs is None:
+        pairs = pairs_to_verify(store.read_table("image_links", missing_ok=True).to_pandas())
     labels, workers, plan, model = aggregate(votes, tasks, pairs, settings.qc)
     store.write_table("labels", labels)
     store.write_table("workers", workers)

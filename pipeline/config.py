@@ -15,10 +15,13 @@ import hashlib
 import json
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from pipeline.boxes import BoxesSettings  # the box loop's policy lives with its state machine
 
 ENV_PREFIX = "SYNSETFORGE__"
 DEFAULT_DATA_ROOT = "data"
@@ -144,6 +147,7 @@ class Settings(Section):
     qc: QCSettings = Field(default_factory=QCSettings)
     crowd: CrowdSettings = Field(default_factory=CrowdSettings)
     release: ReleaseSettings = Field(default_factory=ReleaseSettings)
+    boxes: BoxesSettings = Field(default_factory=BoxesSettings)
 
     @field_validator("*", mode="before")
     @classmethod

@@ -53,6 +53,7 @@ def load_wordnet(wordnet_dir: str | os.PathLike[str] | None = None) -> Any:
             candidates += [Path(base), Path(base) / "corpora" / "wordnet"]
     for folder in candidates:
         if (folder / "data.noun").is_file() and (folder / "lexnames").is_file():
+            _allow_nltk_path(folder)
             with warnings.catch_warnings():  # nltk warns when OMW is absent; that is a supported set-up
                 warnings.simplefilter("ignore", UserWarning)
                 return WordNetCorpusReader(str(folder), _omw_reader(folder))
@@ -66,6 +67,15 @@ def load_wordnet(wordnet_dir: str | os.PathLike[str] | None = None) -> Any:
             f"under {PROJECT_NLTK_DATA}) or set NLTK_DATA to a folder with corpora/wordnet. Looked in: "
             + ", ".join(str(c) for c in candidates)
         ) from None
+
+
+def _allow_nltk_path(folder: Path) -> None:
+    """nltk (3.10+) only opens corpora under its data path; register the folder we found (its nltk data root)."""
+    import nltk
+
+    root = folder.parent.parent if folder.parent.name == "corpora" else folder
+    if str(root) not in nltk.data.path:
+        nltk.data.path.append(str(root))
 
 
 def _omw_reader(wordnet_folder: Path) -> Any:

@@ -2,6 +2,8 @@
 
     from fixtures_labelstudio import labelstudio  # noqa: F401
 
+Set SF_LABELSTUDIO_URL, SF_LABELSTUDIO_TOKEN and SF_LABELSTUDIO_FILES_ROOT to use a server already running.
+
 `labelstudio` gives url, token (admin), files_root (stores made with `new_store()` live under it, so their
 images are served by Label Studio's local-files endpoint), admin() -> CrowdClient, annotators(profiles) ->
 logged-in simulated annotators, and `server` (to restart it in fault tests). Stopped by PID at the end.
@@ -56,8 +58,76 @@ class LabelStudioHandle:
         return load_settings(env={}, overrides={"store": {"url": str(store.root)}, "crowd": values})
 
 
+def make_images(store, n: int, *, seed: int = 0, size: tuple[int, int] = (96, 72), fish: bool = False):
+    """n small distinct JPEGs put into the store; returns an `images`-table-shaped DataFrame.
+    fish=True paints a recognisable (cartoon) fish instead of noise, for screenshots."""
+    import hashlib
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        img = Image.fromarray(arr)
+        if fish:
+            img = _fish(size, i)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        data = buf.getvalue()
+        rows.append({"image_id": hashlib.sha256(data).hexdigest(), "width": size[0], "height": size[1], "format": "JPEG",
+                     "n_bytes": len(data), "phash": None, "storage_key": store.put_content(data, ".jpg"),
+                     "first_url": f"http://example.org/{seed}/{i}.jpg", "status": "accepted", "reject_reason": None})
+    df = pd.DataFrame(rows)
+    from pipeline.schemas import arrow_schema
+
+    for f in arrow_schema("images"):  # columns other stages add later (nullable) stay empty here
+        if f.name not in df.columns:
+            df[f.name] = None
+    store.write_table("images", df)
+    return df
+
+
+def _fish(size: tuple[int, int], i: int):
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    img = Image.new("RGB", size, (70 + 10 * i, 130, 180))
+    d = ImageDraw.Draw(img)
+    d.ellipse([w * 0.25, h * 0.35, w * 0.7, h * 0.65], fill=(150, 140, 60), outline=(60, 60, 20), width=3)
+    d.polygon([(w * 0.68, h * 0.5), (w * 0.85, h * 0.35), (w * 0.85, h * 0.65)], fill=(130, 120, 50))
+    d.ellipse([w * 0.3, h * 0.45, w * 0.34, h * 0.5], fill=(200, 40, 30))
+    return img
+
+
+SYNSETS = [
+    {"wnid": "n01440764", "name": "tench.n.01", "lemmas": ["tench", "Tinca tinca"],
+     "gloss": "freshwater dace-like game fish of Europe and western Asia noted for ability to survive outside water"},
+    {"wnid": "n02084071", "name": "dog.n.01", "lemmas": ["dog", "domestic dog", "Canis familiaris"],
+     "gloss": "a member of the genus Canis that has been domesticated by man since prehistoric times"},
+]
+
+
+def write_synsets(store):
+    import pandas as pd
+
+    df = pd.DataFrame([{**s, "depth": 5, "parent_wnids": [], "lexname": "noun.animal", "is_leaf": True, "queries": []}
+                       for s in SYNSETS])
+    store.write_table("synsets", df)
+    return df
+
+
 @pytest.fixture(scope="session")
 def labelstudio(artifacts_dir):
+    external = os.environ.get("SF_LABELSTUDIO_URL")
+    if external:  # reuse a running server (development, or CI with a service container); it is not stopped here
+        srv = LabelStudioServer(url=external, token=os.environ["SF_LABELSTUDIO_TOKEN"], username="", password="",
+                                data_dir=Path("."), files_root=Path(os.environ["SF_LABELSTUDIO_FILES_ROOT"]))
+        yield LabelStudioHandle(srv, srv.files_root)
+        return
     base = Path(tempfile.mkdtemp(prefix="sf-ls-"))
     files_root = base / "files"
     files_root.mkdir()

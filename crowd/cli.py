@@ -1,0 +1,164 @@
+"""`synsetforge crowd push|pull|status|serve`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from crowd.client import CrowdClient, CrowdError
+from crowd.kinds import KINDS
+
+
+def _user_error(msg: str) -> Exception:
+    from pipeline.cli import UserError
+
+    return UserError(msg)
+
+
+def admin_client(settings: Any) -> CrowdClient:
+    cs = settings.crowd
+    if not cs.url:
+        raise _user_error("crowd.url is not set: export SYNSETFORGE__CROWD__URL (e.g. http://127.0.0.1:8080; "
+                          "`synsetforge crowd serve` starts a local server)")
+    if cs.token is None:
+        raise _user_error("crowd.token is not set: export SYNSETFORGE__CROWD__TOKEN (an admin API token; "
+                          "`synsetforge crowd serve` writes one to <data dir>/admin-token)")
+    return CrowdClient(cs.url, cs.token.get_secret_value(), retries=cs.retries)
+
+
+def _store(settings: Any):
+    from pipeline.store import open_store
+
+    return open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+
+
+def _read_plan(path: str | None) -> pd.DataFrame | None:
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise _user_error(f"plan file {p} does not exist")
+    try:
+        return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+    except Exception as exc:  # noqa: BLE001
+        raise _user_error(f"plan file {p} is not readable as {'Parquet' if p.suffix == '.parquet' else 'CSV'}: {exc}") from None
+
+
+def project_ids(client: CrowdClient, settings: Any, kinds: list[str]) -> list[int]:
+    from crowd.provision import find_project, project_title
+
+    ids = []
+    for k in kinds:
+        proj = find_project(client, project_title(settings.crowd.project_prefix, k))
+        if proj is not None:
+            ids.append(int(proj["id"]))
+    return ids
+
+
+def cmd_push(args: argparse.Namespace, settings: Any) -> int:
+    from crowd.provision import ensure_bucket_cors, image_dir_of, provision
+    from crowd.push import PlanError, push
+
+    client = admin_client(settings)
+    store = _store(settings)
+    plan = _read_plan(args.plan)
+    try:
+        pid = provision(client, settings, kinds=[args.kind], overlap=args.overlap, image_dir=image_dir_of(store))[args.kind]
+        ensure_bucket_cors(store, client.url)
+        out = push(store, client, settings, project_id=pid, kind=args.kind, plan=plan)
+    except (PlanError, CrowdError) as exc:
+        raise _user_error(str(exc)) from None
+    print(f"pushed {out['pushed']} task(s) ({out['gold']} gold) to project {pid}; "
+          f"reconciled {out['adopted']} from an earlier run")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace, settings: Any) -> int:
+    from crowd.pull import PseudonymKeyMissing, pull
+
+    client = admin_client(settings)
+    try:
+        ids = project_ids(client, settings, args.kind)
+        out = pull(_store(settings), client, settings, project_ids=ids)
+    except (PseudonymKeyMissing, CrowdError) as exc:
+        raise _user_error(str(exc)) from None
+    print(f"pulled {out['new_votes']} new vote(s), quarantined {out['quarantined']}, total {out['total_votes']}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Any) -> int:
+    from crowd.status import status
+
+    store = _store(settings)
+    client = admin_client(settings) if settings.crowd.url and settings.crowd.token else None
+    try:
+        ids = project_ids(client, settings, list(KINDS)) if client else []
+        out = status(store, client, ids)
+    except CrowdError as exc:
+        raise _user_error(str(exc)) from None
+    print("## Synsets\n")
+    print(out["synsets"].to_markdown(index=False) if len(out["synsets"]) else "(no tasks pushed yet)")
+    print("\n## Workers\n")
+    w = out["workers"]
+    print(w.to_markdown(index=False, floatfmt=".3f") if len(w) else "(no votes pulled yet)")
+    print(f"\nquarantined annotations: {out['quarantined']}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Any) -> int:
+    from crowd.server import start_labelstudio
+
+    data_dir = Path(args.data_dir or settings.crowd.data_dir).resolve()
+    token_file = data_dir / "admin-token"
+    token = settings.crowd.token.get_secret_value() if settings.crowd.token else None
+    if token is None and token_file.exists():
+        token = token_file.read_text().strip()
+    files_root = settings.crowd.files_root or (settings.store.url if "://" not in settings.store.url else None)
+    try:
+        srv = start_labelstudio(data_dir, port=args.port, token=token, files_root=Path(files_root) if files_root else None,
+                                timeout=args.timeout)
+    except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        raise _user_error(str(exc)) from None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token_file.write_text(srv.token)
+    os.chmod(token_file, stat.S_IRUSR | stat.S_IWUSR)
+    print(f"Label Studio is up at {srv.url} (PID {srv.pid}); admin {srv.username}")
+    print(f"export SYNSETFORGE__CROWD__URL={srv.url}")
+    print(f"export SYNSETFORGE__CROWD__TOKEN=$(cat {token_file})")
+    sys.stdout.flush()
+    if args.detach:
+        return 0
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except KeyboardInterrupt:
+        pass
+    srv.stop()
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser("crowd", help="Label Studio: serve, push tasks, pull votes, status")
+    sub = p.add_subparsers(dest="crowd_command", metavar="ACTION", required=True)
+    push = sub.add_parser("push", help="push the QC push plan as tasks (provisions the project first)")
+    push.add_argument("--plan", help="a plan file (Parquet or CSV: image_id, wnid, n_more) instead of the push_plan table")
+    push.add_argument("--kind", default="verify", choices=sorted(KINDS))
+    push.add_argument("--overlap", type=int, help="project's annotations per task (default crowd.default_overlap)")
+    push.set_defaults(func=cmd_push)
+    pull = sub.add_parser("pull", help="append new annotations to the votes table")
+    pull.add_argument("--kind", action="append", default=None, choices=sorted(KINDS))
+    pull.set_defaults(func=lambda a, s: cmd_pull(argparse.Namespace(**{**vars(a), "kind": a.kind or ["verify"]}), s))
+    st = sub.add_parser("status", help="per synset open/done tasks, workers and gold accuracy")
+    st.set_defaults(func=cmd_status)
+    sv = sub.add_parser("serve", help="start a local Label Studio (Ctrl-C stops it)")
+    sv.add_argument("--data-dir", help="server data dir (default crowd.data_dir)")
+    sv.add_argument("--port", type=int)
+    sv.add_argument("--timeout", type=float, default=180.0)
+    sv.add_argument("--detach", action="store_true", help="leave it running and return (stop it by its PID)")
+    sv.set_defaults(func=cmd_serve)

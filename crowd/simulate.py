@@ -1,0 +1,195 @@
+"""Simulated annotators: real accounts on the real server, each working the way a person does.
+
+Each annotator logs in with its own account, asks the project's next-task endpoint for work, answers from
+a truth table through its profile, and submits the annotation as itself (with a lead time). Profiles:
+accuracy (optionally per difficulty), a bias towards yes, spammers (random answers), adversarial workers
+(always wrong) and speed. Answers are seeded per (annotator, task), so a run is reproducible.
+
+    >>> p = Profile(accuracy=1.0)
+    >>> p.answer("yes", rng=__import__("random").Random(0))
+    'yes'
+    >>> Profile(kind="adversarial").answer("yes", rng=__import__("random").Random(0))
+    'no'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from crowd.client import CrowdClient, CrowdError
+from crowd.kinds import KINDS
+
+log = logging.getLogger("synsetforge.crowd")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How a simulated worker answers. kind: honest | spammer | adversarial."""
+
+    accuracy: float = 0.9
+    yes_bias: float = 0.0  # probability of answering yes whatever the truth
+    kind: str = "honest"
+    speed_s: float = 4.0  # mean seconds per task, reported as lead_time
+    accuracy_by_difficulty: Mapping[str, float] = field(default_factory=dict)
+
+    def answer(self, truth: str, *, rng: random.Random, difficulty: str | None = None,
+               choices: tuple[str, ...] = ("yes", "no")) -> str:
+        if self.kind == "spammer":
+            return rng.choice(choices)
+        wrong = [c for c in choices if c != truth]
+        if self.kind == "adversarial":
+            return wrong[0] if wrong else truth
+        if self.yes_bias and rng.random() < self.yes_bias:
+            return "yes"
+        acc = self.accuracy_by_difficulty.get(difficulty, self.accuracy) if difficulty else self.accuracy
+        return truth if rng.random() < acc else rng.choice(wrong)
+
+
+@dataclass
+class Annotator:
+    email: str
+    password: str = field(repr=False)
+    profile: Profile
+    user_id: int = 0
+    client: CrowdClient | None = field(default=None, repr=False)
+
+
+def find_user(admin: CrowdClient, email: str) -> int | None:
+    body = admin.get_json("/api/users/", page_size=10000)
+    users = body.get("results", body) if isinstance(body, dict) else body
+    for u in users:
+        if (u.get("email") or "").lower() == email.lower():
+            return int(u["id"])
+    return None
+
+
+def _form_post(s: httpx.Client, path: str, data: dict[str, str]) -> httpx.Response:
+    s.get(path)
+    csrf = s.cookies.get("csrftoken") or ""
+    return s.post(path, data={**data, "csrfmiddlewaretoken": csrf}, headers={"X-CSRFToken": csrf})
+
+
+def ensure_user(admin: CrowdClient, email: str, password: str) -> int:
+    """The account's user id; a new account signs up through the organization's invite link, as a person
+    invited by the admin would (Label Studio's user API cannot set a password). Idempotent by email."""
+    uid = find_user(admin, email)
+    if uid is not None:
+        return uid
+    invite = admin.get_json("/api/invite")
+    httpx_log = logging.getLogger("httpx")
+    level = httpx_log.level
+    httpx_log.setLevel(logging.WARNING)  # its INFO line would carry the invite token in the URL
+    try:
+        with httpx.Client(base_url=admin.url, follow_redirects=True, timeout=60) as s:
+            resp = _form_post(s, f"/user/signup/?token={invite['token']}", {"email": email, "password": password})
+            signed_up = "sessionid" in s.cookies
+    finally:
+        httpx_log.setLevel(level)
+        # The server's own access log records the link: rotate it so a logged token opens nothing.
+        admin.request("POST", "/api/invite/reset-token", "rotate the invite token")
+    if not signed_up:
+        raise CrowdError(f"sign-up of {email} at {admin.url} failed (HTTP {resp.status_code}); "
+                         "is the password long enough (8+ characters, not too common)?")
+    uid = find_user(admin, email)
+    if uid is None:
+        raise CrowdError(f"{email} signed up but is not a member of the admin's organization")
+    return uid
+
+
+def login_token(url: str, email: str, password: str) -> str:
+    """Log in through the web form as that person would and read the account's API token."""
+    with httpx.Client(base_url=url, follow_redirects=True, timeout=60) as s:
+        resp = _form_post(s, "/user/login/", {"email": email, "password": password})
+        if "sessionid" not in s.cookies:
+            raise CrowdError(f"login of {email} at {url} failed (HTTP {resp.status_code}); check the password")
+        tok = s.get("/api/current-user/token")
+        tok.raise_for_status()
+        return tok.json()["token"]
+
+
+def make_annotators(admin: CrowdClient, profiles: list[Profile], *, prefix: str = "sim",
+                    domain: str = "synsetforge.local", password: str | None = None) -> list[Annotator]:
+    """One account per profile (sim-00@..., sim-01@...), logged in, with its own client."""
+    password = password or secrets.token_urlsafe(12)
+    out = []
+    for i, prof in enumerate(profiles):
+        email = f"{prefix}-{i:02d}@{domain}"
+        uid = ensure_user(admin, email, password)
+        token = login_token(admin.url, email, password)
+        out.append(Annotator(email, password, prof, uid, CrowdClient(admin.url, token, retries=admin.retries)))
+    return out
+
+
+def routable(annotators: list[Annotator], worker_gold: Any, key: bytes) -> list[Annotator]:
+    """Annotators not flagged in the `worker_gold` table (routing stops giving flagged workers tasks)."""
+    from crowd.pull import pseudonym
+
+    if worker_gold is None or len(worker_gold) == 0:
+        return list(annotators)
+    flagged = set(worker_gold.loc[worker_gold["flagged"].astype(bool), "worker"])
+    return [a for a in annotators if pseudonym(a.email, key) not in flagged]
+
+
+def next_task(client: CrowdClient, project_id: int) -> dict[str, Any] | None:
+    """The project's next task for this account, or None when it has nothing left to do."""
+    resp = client._http.get(f"/api/projects/{project_id}/next")
+    if resp.status_code == 404:
+        return None
+    resp.raise_for_status()
+    body = resp.json()
+    return body if body and body.get("id") else None
+
+
+def submit(client: CrowdClient, task_id: int, project_id: int, result: list[dict[str, Any]], lead_time_s: float) -> int:
+    resp = client.request("POST", f"/api/tasks/{task_id}/annotations/", f"submit annotation to task {task_id}",
+                          json={"result": result, "lead_time": lead_time_s, "project": project_id})
+    return int(resp.json()["id"])
+
+
+def work(
+    annotators: list[Annotator],
+    project_id: int,
+    truth: Mapping[tuple[str, str], str],
+    *,
+    seed: int = 0,
+    max_tasks_per_worker: int | None = None,
+    difficulty: Mapping[str, str] | None = None,
+    skip: set[str] | None = None,
+) -> dict[str, int]:
+    """Annotators take turns (one task each per round, as people working side by side) until none has work.
+
+    truth: (image_id, wnid) -> answer. difficulty: wnid -> difficulty class for accuracy_by_difficulty.
+    skip: emails of flagged workers routing no longer gives tasks to. Returns annotations per email.
+    """
+    done = {a.email: 0 for a in annotators}
+    active = [a for a in annotators if not skip or a.email not in skip]
+    while active:
+        still = []
+        for a in active:
+            if max_tasks_per_worker is not None and done[a.email] >= max_tasks_per_worker:
+                continue
+            task = next_task(a.client, project_id)
+            if task is None:
+                continue
+            data = task["data"]
+            kind = KINDS[data.get("kind", "verify")]
+            rng = random.Random(int(hashlib.sha256(f"{seed}|{a.email}|{task['id']}".encode()).hexdigest()[:12], 16))
+            key = (data["image_id"], data["wnid"])
+            if key not in truth:
+                raise KeyError(f"no truth for {key}: the simulation's truth table must cover every pushed task")
+            ans = a.profile.answer(truth[key], rng=rng, choices=kind.answers,
+                                   difficulty=(difficulty or {}).get(data["wnid"]))
+            lead = max(0.5, rng.gauss(a.profile.speed_s, a.profile.speed_s / 4))
+            submit(a.client, int(task["id"]), project_id, kind.render(ans, data), round(lead, 3))
+            done[a.email] += 1
+            still.append(a)
+        active = still
+    return done

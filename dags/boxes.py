@@ -1,0 +1,85 @@
+"""Box loop (ILSVRC draw -> quality -> coverage): provision -> adopt + pull -> plan -> push. Wiring only.
+
+The work is in crowd.boxes (Label Studio side) and pipeline.boxes (the pure state machine), the same code
+`synsetforge boxes sync|plan|status` runs. No state lives in the DAG: each run replays the box tables, so
+the DAG can run on a schedule and a failed run is repaired by the next one. Label Studio's URL comes from
+the configuration or the `url` Param; the token and the pseudonym key only from the environment.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, task
+
+BOX_TASKS = Asset("synsetforge://tables/box_tasks")
+BOX_ANSWERS = Asset("synsetforge://tables/box_answers")
+BOXES = Asset("synsetforge://tables/boxes")
+COVERAGE = Asset("synsetforge://tables/coverage")
+
+
+def _ctx(params):
+    from crowd.boxes import admin_from_settings
+    from pipeline.boxes import box_settings
+    from pipeline.dagtools import settings_from_params
+    from pipeline.store import open_store
+
+    settings = settings_from_params(params, "crowd", ["url", "project_prefix", "files_root"])
+    store = open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+    return settings, store, admin_from_settings(settings), box_settings(settings)
+
+
+@dag(
+    dag_id="synsetforge_boxes",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,  # two loops at once would race on the tables
+    tags=["synsetforge", "boxes"],
+    params={
+        "store": Param(None, type=["null", "string"], description="store URL; default from configuration"),
+        "url": Param(None, type=["null", "string"], description="Label Studio URL; default crowd.url"),
+        "project_prefix": Param(None, type=["null", "string"]),
+        "files_root": Param(None, type=["null", "string"], description="Label Studio LOCAL_FILES_DOCUMENT_ROOT"),
+    },
+    doc_md=__doc__,
+)
+def synsetforge_boxes():
+    @task
+    def provision(params=None) -> dict:
+        from crowd.boxes import provision_boxes
+
+        settings, store, client, policy = _ctx(params)
+        return provision_boxes(client, settings, store, policy)
+
+    @task(outlets=[BOX_TASKS, BOX_ANSWERS])
+    def pull(projects: dict, params=None) -> dict:
+        from crowd.boxes import adopt, pull_box_answers
+
+        settings, store, client, policy = _ctx(params)
+        tasks, _ = adopt(store, client, projects)
+        return {"pulled": pull_box_answers(store, client, settings, projects, tasks, policy), "tasks": len(tasks)}
+
+    @task(outlets=[BOXES, COVERAGE])
+    def plan(pulled: dict, params=None) -> dict:
+        from pipeline.boxes import run_plan, summarize
+
+        settings, store, client, policy = _ctx(params)
+        result = run_plan(store, policy)
+        s = summarize(result.coverage, result.boxes)
+        return {k: v for k, v in s.items() if isinstance(v, (int, float, str)) or v is None} | {
+            "next_tasks": len(result.actions)}
+
+    @task(outlets=[BOX_TASKS])
+    def push(planned: dict, projects: dict, params=None) -> dict:
+        from crowd.boxes import push_box_tasks
+        from pipeline.boxes import run_plan
+
+        settings, store, client, policy = _ctx(params)
+        result = run_plan(store, policy)  # a pure replay of the same tables: the same actions `plan` saw
+        return {"pushed": push_box_tasks(store, client, settings, projects, result.actions, result.boxes)}
+
+    projects = provision()
+    push(plan(pull(projects)), projects)
+
+
+synsetforge_boxes()

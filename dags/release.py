@@ -1,0 +1,81 @@
+"""Release DAG: build a versioned release (manifest last), verify it by re-hashing, write report.html and the
+dataset card. Wiring only; the work is in pipeline.release, the same code `synsetforge release` runs.
+
+A retry after the manifest was written finds the release there and goes on (same parent) instead of failing.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, task
+
+RELEASES = Asset("synsetforge://releases")
+_FIELDS = ["val_per_class", "test_per_class", "neardup_check"]
+
+
+@dag(
+    dag_id="synsetforge_release",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    tags=["synsetforge"],
+    params={
+        "version": Param(type="string", minLength=1, maxLength=64, pattern="^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                         description="new release version, e.g. 2026.1"),
+        "parent": Param(None, type=["null", "string"], description="previous release; its images keep their splits"),
+        "val_per_class": Param(None, type=["null", "integer"], minimum=0),
+        "test_per_class": Param(None, type=["null", "integer"], minimum=0),
+        "neardup_check": Param(None, type=["null", "boolean"], description="drop train near-duplicates of val/test"),
+        "store": Param(None, type=["null", "string"], description="store URL; default from configuration"),
+    },
+    doc_md=__doc__,
+)
+def synsetforge_release():
+    @task(outlets=[RELEASES])
+    def build(params=None) -> str:
+        from pipeline.dagtools import settings_from_params
+        from pipeline.release.build import build_release
+        from pipeline.release.manifest import ReleaseExists, read_manifest, release_exists
+        from pipeline.store import open_store
+
+        settings = settings_from_params(params, "release", _FIELDS)
+        store = open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+        version, parent = params["version"], params.get("parent")
+        if release_exists(store, version):
+            if read_manifest(store, version)["parent"] != parent:
+                raise ReleaseExists(f"release {version!r} exists with another parent; choose a new version")
+            return version  # retry of a run that already published
+        rs = settings.release
+        build_release(store, version, parent=parent, val_per_class=rs.val_per_class,
+                      test_per_class=rs.test_per_class, salt=rs.split_salt, config_digest=settings.digest(),
+                      neardup=rs.neardup_check)
+        return version
+
+    @task
+    def verify(version: str, params=None) -> str:
+        from pipeline.dagtools import settings_from_params
+        from pipeline.release.manifest import verify_release
+        from pipeline.store import open_store
+
+        settings = settings_from_params(params, "release", [])
+        res = verify_release(open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url), version)
+        if not res.ok:
+            raise RuntimeError(f"release {version} failed verification: {res.problems}")
+        return version
+
+    @task
+    def report(version: str, params=None) -> dict:
+        from pipeline.dagtools import settings_from_params
+        from pipeline.release.report import build_report
+        from pipeline.store import open_store
+
+        settings = settings_from_params(params, "release", [])
+        store = open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+        rs = settings.release
+        return build_report(store, version, thumbs_per_class=rs.report_thumbs_per_class,
+                            max_thumb_classes=rs.report_max_thumb_classes)
+
+    report(verify(build()))
+
+
+synsetforge_release()

@@ -1,0 +1,183 @@
+"""Train / val / test splits: per-class quotas as ILSVRC had them, deterministic, stable across versions.
+
+Rules, in order:
+1. An image that was in the parent release keeps the split it had there (stability: a val image never
+   leaks into a later train set, and results on val stay comparable between versions).
+2. Each class's val and test quotas are topped up from its new images, ranked by a salted 64-bit hash of
+   the image id (FNV-1a over salt NUL image_id, finalised with splitmix64; `split_key_reference`): the same
+   inputs and salt always give the same split, whatever order the rows come in.
+3. Everything else is train; then train images that are near-duplicates of a val or test image are
+   dropped (pipeline.ingest.neardup.cross_duplicates), so an edited copy of a val image cannot be
+   trained on.
+
+    >>> import pandas as pd
+    >>> primary = pd.DataFrame({"image_id": [f"i{k}" for k in range(6)], "wnid": ["n00000001"] * 6})
+    >>> s = assign_splits(primary, val_per_class=1, test_per_class=2, salt="x")
+    >>> s.split.value_counts().sort_index().to_dict()
+    {'test': 2, 'train': 3, 'val': 1}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+SPLITS = ("train", "val", "test")
+TRAIN, VAL, TEST = 0, 1, 2
+CrossDuplicates = Callable[[Any, Any], pd.DataFrame]
+
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def split_key_reference(image_id: str, salt: str) -> int:
+    """The salted key of one image, in plain Python: FNV-1a 64 over salt NUL image_id, then splitmix64."""
+    h = int(_FNV_OFFSET)
+    for b in salt.encode() + b"\0" + image_id.encode():
+        h = ((h ^ b) * int(_FNV_PRIME)) & 0xFFFFFFFFFFFFFFFF
+    return int(_splitmix64(np.array([h], dtype=np.uint64))[0])
+
+
+def split_keys(image_ids: Any, salt: str) -> np.ndarray:
+    """Salted 64-bit key per image id (vectorised `split_key_reference`): an image's rank within its class.
+
+    Vectorised over the bytes of all ids at once, because a Python loop over 1.3M ids costs seconds.
+    """
+    arr = pa.array(image_ids, pa.string()) if not isinstance(image_ids, pa.Array | pa.ChunkedArray) else image_ids
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    arr = arr.cast(pa.string())
+    n = len(arr)
+    if arr.null_count:
+        raise ValueError("split_keys: image ids must not be null")
+    h0 = int(_FNV_OFFSET)
+    for b in salt.encode() + b"\0":
+        h0 = ((h0 ^ b) * int(_FNV_PRIME)) & 0xFFFFFFFFFFFFFFFF
+    h = np.full(n, h0, dtype=np.uint64)
+    if n == 0:
+        return h
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset:arr.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    starts = offsets[:-1]
+    with np.errstate(over="ignore"):
+        if (lengths == lengths[0]).all():  # the usual case (sha256 hex ids): a dense n x L byte matrix
+            length = int(lengths[0])
+            mat = data[starts[0]:starts[0] + n * length].reshape(n, length) if length else np.zeros((n, 0), np.uint8)
+            for j in range(length):
+                h = (h ^ mat[:, j].astype(np.uint64)) * _FNV_PRIME
+        else:
+            for j in range(int(lengths.max())):
+                active = np.nonzero(lengths > j)[0]
+                h[active] = (h[active] ^ data[starts[active] + j].astype(np.uint64)) * _FNV_PRIME
+        return _splitmix64(h)
+
+
+def class_then_key_order(class_codes: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Indices ordering rows by class code, then key; ties keep input order. Two stable single-key sorts
+    (the class pass is a radix sort when codes fit 16 bits) instead of a multi-key lexsort."""
+    by_key = np.argsort(keys, kind="stable")
+    cls = class_codes[by_key]
+    if len(cls) and cls.max() < 2**15:
+        cls = cls.astype(np.int16)
+    return by_key[np.argsort(cls, kind="stable")]
+
+
+def split_codes(
+    class_codes: np.ndarray, keys: np.ndarray, parent: np.ndarray, *, val_per_class: int, test_per_class: int
+) -> np.ndarray:
+    """Vectorised core: split code (TRAIN/VAL/TEST) per image from its class code, salted key and parent
+    split code (-1 = new image)."""
+    n = len(class_codes)
+    out = np.full(n, TRAIN, dtype=np.int8)
+    from_parent = parent >= 0
+    out[from_parent] = parent[from_parent]
+    if n == 0:
+        return out
+    n_classes = int(class_codes.max()) + 1
+    have_val = np.bincount(class_codes[from_parent & (parent == VAL)], minlength=n_classes)
+    have_test = np.bincount(class_codes[from_parent & (parent == TEST)], minlength=n_classes)
+    new = np.nonzero(~from_parent)[0]
+    order = new[class_then_key_order(class_codes[new], keys[new])]
+    cls = class_codes[order]
+    group_start = np.r_[0, np.nonzero(cls[1:] != cls[:-1])[0] + 1]
+    sizes = np.diff(np.r_[group_start, len(cls)])
+    rank = np.arange(len(cls)) - np.repeat(group_start, sizes)
+    need_val = np.maximum(val_per_class - have_val[cls], 0)
+    need_test = np.maximum(test_per_class - have_test[cls], 0)
+    out[order] = np.where(rank < need_val, VAL, np.where(rank < need_val + need_test, TEST, TRAIN))
+    return out
+
+
+def assign_splits(
+    primary: pd.DataFrame,
+    parent: pd.DataFrame | None = None,
+    *,
+    val_per_class: int,
+    test_per_class: int,
+    salt: str,
+) -> pd.DataFrame:
+    """Give each (image_id, wnid) row of `primary` (one row per image) a split.
+
+    `parent` has image_id and split from the parent release (None for a first release). Returns
+    columns image_id, wnid, split, from_parent.
+    """
+    df = primary[["image_id", "wnid"]].reset_index(drop=True)
+    if df.image_id.duplicated().any():
+        dup = df.image_id[df.image_id.duplicated()].iloc[0]
+        raise ValueError(f"assign_splits needs one row per image; image {dup} appears more than once")
+    parent_codes = np.full(len(df), -1, dtype=np.int8)
+    if parent is not None and len(parent):
+        bad = set(parent.split.unique()) - set(SPLITS)
+        if bad:
+            raise ValueError(f"parent release has unknown split values {sorted(bad)}; expected {SPLITS}")
+        p = parent.drop_duplicates("image_id")
+        ids = pa.array(df.image_id, pa.string())
+        pos = pc.index_in(ids, value_set=pa.array(p.image_id, pa.string())).to_numpy(zero_copy_only=False)
+        found = ~np.isnan(pos.astype(np.float64))
+        pcodes = p.split.map({s: k for k, s in enumerate(SPLITS)}).to_numpy(dtype=np.int8)
+        parent_codes[found] = pcodes[pos[found].astype(np.int64)]
+    class_codes, _ = pd.factorize(df.wnid, sort=True)
+    codes = split_codes(class_codes.astype(np.int64), split_keys(pa.array(df.image_id, pa.string()), salt),
+                        parent_codes, val_per_class=val_per_class, test_per_class=test_per_class)
+    df["split"] = np.asarray(SPLITS, dtype=object)[codes]
+    df["from_parent"] = parent_codes >= 0
+    return df
+
+
+def _default_cross_duplicates() -> CrossDuplicates:
+    try:
+        from pipeline.ingest.neardup import cross_duplicates
+    except ImportError as exc:
+        raise RuntimeError(
+            "near-duplicate search (pipeline.ingest.neardup.cross_duplicates) is not available, so train/val "
+            f"leakage cannot be checked ({exc}); install the ingest stage or pass neardup=False to skip the check"
+        ) from exc
+    return cross_duplicates
+
+
+def train_near_duplicates_rows(
+    images: pa.Table, train_rows: np.ndarray, held_rows: np.ndarray, cross_duplicates: CrossDuplicates | None = None
+) -> set[str]:
+    """Image ids among `images` rows `train_rows` that are near-duplicates of rows `held_rows` (val/test).
+
+    Rows go to the search as Arrow (pandas would turn nullable uint64 hashes into floats).
+    """
+    if not len(train_rows) or not len(held_rows):
+        return set()
+    search = cross_duplicates or _default_cross_duplicates()
+    pairs = search(images.take(pa.array(train_rows)), images.take(pa.array(held_rows)))
+    if pairs is None or not len(pairs):
+        return set()
+    return set(pd.Series(pairs["query_image_id"]).astype(str))

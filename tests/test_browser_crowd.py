@@ -1,0 +1,140 @@
+"""An annotator's real work in headless Chromium (Debian's chromium + chromedriver, driven by Selenium):
+log in as a provisioned annotator, open the verification labeling stream, see the image load and the
+lemmas and gloss, answer once by click and once by hotkey, submit; the next pull holds exactly those votes
+under that annotator's pseudonym."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fixtures_labelstudio import SYNSETS, labelstudio, make_images, write_synsets  # noqa: F401
+
+from crowd.provision import image_dir_of, provision
+from crowd.pull import pseudonym, pull
+from crowd.push import push
+from crowd.simulate import ensure_user
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser():
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail("Debian chromium/chromium-driver missing: run infra/setup.sh (it installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="sf-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1280,1000"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(120)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _wait(fn, timeout=90.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            value = fn()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - the page is still rendering
+            last = exc
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last})")
+
+
+def _image_loaded(driver) -> int:
+    """naturalWidth of the task image once it has loaded (0 while loading or broken)."""
+    # Label Studio fetches the URL itself and shows it through a blob: URL.
+    return driver.execute_script(
+        "const im=[...document.querySelectorAll('img')].filter(i=>i.src.startsWith('blob:')||i.src.includes('local-files'));"
+        "return im.length && im.every(i=>i.complete) ? Math.max(...im.map(i=>i.naturalWidth)) : 0;")
+
+
+def _task_id(driver) -> int | None:
+    """The task number the labeling stream shows at the bottom ("#87")."""
+    import re
+
+    from selenium.webdriver.common.by import By
+
+    m = re.search(r"^#?(\d+)\s*\n\s*\d+ of \d+", driver.find_element(By.TAG_NAME, "body").text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def test_annotator_verifies_in_chromium(labelstudio, browser, artifacts_dir):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    store = labelstudio.new_store()
+    images = make_images(store, 2, seed=77, size=(320, 240), fish=True)
+    write_synsets(store)
+    settings = labelstudio.settings(store, gold_rate=0.0)
+    admin = labelstudio.admin()
+    pid = provision(admin, settings, overlap=1, image_dir=image_dir_of(store))["verify"]
+    plan = pd.DataFrame({"image_id": images["image_id"], "wnid": SYNSETS[0]["wnid"], "n_more": 1})
+    assert push(store, admin, settings, project_id=pid, plan=plan)["pushed"] == 2
+
+    email, password = "annotator-browser@synsetforge.local", "verify-pass-2026"
+    ensure_user(admin, email, password)
+    d = browser
+    d.get(f"{labelstudio.url}/user/login/")
+    d.find_element(By.NAME, "email").send_keys(email)
+    d.find_element(By.NAME, "password").send_keys(password)
+    d.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    _wait(lambda: "/user/login" not in d.current_url, what="login")
+
+    d.get(f"{labelstudio.url}/projects/{pid}/data?labeling=1")
+    width = _wait(lambda: _image_loaded(d), what="task image to load")
+    assert width == 320
+    body = d.find_element(By.TAG_NAME, "body").text
+    syn = SYNSETS[0]
+    assert ", ".join(syn["lemmas"]) in body and syn["gloss"] in body
+    assert "There was an issue loading URL" not in body
+    d.save_screenshot(str(artifacts_dir / "annotator-verify.png"))
+    (ROOT / "docs").mkdir(exist_ok=True)
+    shutil.copy(artifacts_dir / "annotator-verify.png", ROOT / "docs" / "annotator-verify.png")
+
+    first = _wait(lambda: _task_id(d), what="task number")
+    # Answer 1: click "yes", then Submit.
+    yes = d.find_element(By.XPATH, "//label[starts-with(normalize-space(), 'yes')]")
+    yes.click()
+    d.save_screenshot(str(artifacts_dir / "annotator-verify-clicked.png"))
+    d.find_element(By.XPATH, "//button[normalize-space()='Submit']").click()
+    second = _wait(lambda: (t := _task_id(d)) and t != first and _image_loaded(d) and t, what="next task")
+    # Answer 2: hotkey 2 ("no"), then Ctrl+Enter submits.
+    d.find_element(By.TAG_NAME, "body").send_keys("2")
+    _wait(lambda: d.execute_script(
+        "return [...document.querySelectorAll('input[type=radio],input[type=checkbox]')].some(i=>i.checked)"),
+        what="hotkey selection")
+    d.save_screenshot(str(artifacts_dir / "annotator-verify-hotkey.png"))
+    d.find_element(By.TAG_NAME, "body").send_keys(Keys.CONTROL, Keys.ENTER)
+
+    def two_votes():
+        pull(store, admin, settings, project_ids=[pid])
+        votes = store.read_table("votes", missing_ok=True).to_pandas()
+        return (votes,) if len(votes) == 2 else None
+
+    [votes] = _wait(two_votes, what="both annotations to reach the server")
+    d.save_screenshot(str(artifacts_dir / "annotator-verify-done.png"))
+    answers = dict(zip(votes["task_id"], votes["answer"], strict=True))
+    assert answers == {first: "yes", second: "no"}
+    assert set(votes["worker"]) == {pseudonym(email, b"test-pseudonym-key")}
+    assert pull(store, admin, settings, project_ids=[pid])["new_votes"] == 0

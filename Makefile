@@ -19,10 +19,11 @@ test-quick: setup
 	@$(PY) -m pytest -q -m "not slow"
 
 bench: setup
+	@infra/setup-bench.sh
 	@$(PY) benchmarks/run_all.py
 
 lint: setup
 	@$(VENV)/bin/ruff check pipeline crowd dags tests benchmarks
 
 clean:
-	rm -rf $(VENV) .venv-labelstudio .nltk_data demo-output test-artifacts
+	rm -rf $(VENV) .venv-labelstudio .venv-bench-* .nltk_data demo-output test-artifacts

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "demo-output"
 # Five ILSVRC-2012 classes (the cats), as ImageNet writes them.
 DEMO_WNIDS = ["n02123045", "n02123159", "n02123394", "n02123597", "n02124075"]
-PER_CLASS = 14
-MISFILED_PER_CLASS = 3
+PER_CLASS = 10
+MISFILED_PER_CLASS = 2
 VERSION = "demo-1"
 BOXED_PER_CLASS = 2
 
@@ -135,11 +135,11 @@ def run_crowd_verification(settings: Settings, store: LocalStore, truth: dict[st
         settings.crowd.files_root = str(store.root)
         admin = CrowdClient(server.url, server.token)
         project = provision(admin, settings, kinds=["verify"], image_dir=image_dir_of(store))["verify"]
-        profiles = [Profile(accuracy=0.92), Profile(accuracy=0.9), Profile(accuracy=0.88), Profile(kind="spammer")]
+        profiles = [Profile(accuracy=a) for a in (0.95, 0.93, 0.92, 0.9, 0.88)] + [Profile(kind="spammer")]
         annotators = make_annotators(admin, profiles)
-        print(f"  project {project} at {server.url}; annotators: 3 careful, 1 spammer", flush=True)
+        print(f"  project {project} at {server.url}; annotators: 5 careful, 1 spammer", flush=True)
         key = settings.crowd.pseudonym_key.get_secret_value().encode()
-        for rnd in range(1, 7):
+        for rnd in range(1, 9):
             qc = run_qc(store, settings)
             if qc["push_pairs"] == 0:
                 break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,8 +89,10 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
-def make_browser(width: int = 1280, height: int = 900):
+def make_browser(width: int = 1400, height: int = 1000, profile_dir: str | None = None):
     """Headless Debian Chromium driven by Selenium. Nothing is downloaded: the binaries come from apt."""
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail("Debian chromium / chromium-driver missing: run `make setup` (infra/setup.sh installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as ChromeService
 
@@ -98,15 +101,21 @@ def make_browser(width: int = 1280, height: int = 900):
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                  "--no-first-run", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", f"--window-size={width},{height}",
-                 f"--user-data-dir={tempfile.mkdtemp(prefix='sf-chrome-')}"):
+                 f"--user-data-dir={profile_dir or tempfile.mkdtemp(prefix='sf-chrome-')}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=ChromeService(CHROMEDRIVER), options=options)
+    driver = webdriver.Chrome(service=ChromeService(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(120)
+    return driver
 
 
 @pytest.fixture
 def browser():
-    """A fresh headless Chromium per test; quit (and its processes gone) at the end."""
-    driver = make_browser()
-    yield driver
-    driver.quit()
+    """A fresh headless Chromium per test; quit, and its profile removed, at the end."""
+    profile = tempfile.mkdtemp(prefix="sf-chrome-")
+    driver = make_browser(profile_dir=profile)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)

@@ -9,9 +9,7 @@ reaches `box_answers`. Screenshots go to test-artifacts/ and docs/.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 from fixtures_labelstudio import ROOT, labelstudio  # noqa: F401
@@ -22,32 +20,8 @@ from crowd.simulate_boxes import WorkerProfile, make_truth, write_world
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CAREFUL = [WorkerProfile(f"careful-{i}", jitter=0.005, p_sloppy=0.0, p_wrong=0.0, p_invalid=0.0, quality_error=0.0,
                          coverage_error=0.0) for i in range(3)]
-
-
-@pytest.fixture
-def browser(artifacts_dir):
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.fail("chromium / chromedriver missing: run `make setup` (infra/setup.sh installs Debian's packages)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="sf-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
-                 f"--user-data-dir={profile}", "--disable-dev-shm-usage"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(120)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def wait_for(driver, script: str, timeout: float = 90.0, what: str = ""):

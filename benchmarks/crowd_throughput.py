@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -44,7 +45,7 @@ def main() -> int:
     args = ap.parse_args()
     from fixtures_labelstudio import make_images, write_synsets
 
-    server = None
+    server = base = None
     if os.environ.get("SF_LABELSTUDIO_URL"):
         url, token = os.environ["SF_LABELSTUDIO_URL"], os.environ["SF_LABELSTUDIO_TOKEN"]
         files_root = Path(os.environ["SF_LABELSTUDIO_FILES_ROOT"])
@@ -134,6 +135,7 @@ def main() -> int:
     finally:
         if server is not None:
             server.stop()
+            shutil.rmtree(base, ignore_errors=True)
     return 0
 
 

@@ -128,13 +128,21 @@ def make_annotators(admin: CrowdClient, profiles: list[Profile], *, prefix: str 
     return out
 
 
-def routable(annotators: list[Annotator], worker_gold: Any, key: bytes) -> list[Annotator]:
-    """Annotators not flagged in the `worker_gold` table (routing stops giving flagged workers tasks)."""
+def flagged_workers(store: Any) -> set[str]:
+    """Pseudonyms routing must stop sending tasks to: flagged by gold accuracy (`worker_gold`, measured by pull)
+    or by QC's worker model (`workers`: spammers, yes-sayers, adversaries, low estimated accuracy)."""
+    flagged: set[str] = set()
+    for name in ("worker_gold", "workers"):
+        if store.has_table(name):
+            table = store.read_table(name).to_pandas()
+            flagged |= set(table.loc[table["flagged"].astype(bool), "worker"])
+    return flagged
+
+
+def routable(annotators: list[Annotator], flagged: set[str], key: bytes) -> list[Annotator]:
+    """Annotators whose pseudonym is not in `flagged` (see flagged_workers)."""
     from crowd.pull import pseudonym
 
-    if worker_gold is None or len(worker_gold) == 0:
-        return list(annotators)
-    flagged = set(worker_gold.loc[worker_gold["flagged"].astype(bool), "worker"])
     return [a for a in annotators if pseudonym(a.email, key) not in flagged]
 
 

@@ -66,4 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Re-enter through the package so stages raise the same UserError class this module catches.
+    from pipeline.cli import main as package_main
+
+    sys.exit(package_main())

@@ -117,7 +117,7 @@ def run_crowd_verification(settings: Settings, store: LocalStore, truth: dict[st
     from crowd.pull import pull
     from crowd.push import push
     from crowd.server import start_labelstudio
-    from crowd.simulate import Profile, make_annotators, routable, work
+    from crowd.simulate import Profile, flagged_workers, make_annotators, routable, work
     from pipeline.qc.stage import run_qc
 
     links = store.read_table("image_links").to_pandas()
@@ -144,8 +144,7 @@ def run_crowd_verification(settings: Settings, store: LocalStore, truth: dict[st
             if qc["push_pairs"] == 0:
                 break
             pushed = push(store, admin, settings, project_id=project, kind="verify")
-            gold_table = store.read_table("worker_gold").to_pandas() if store.has_table("worker_gold") else None
-            done = work(routable(annotators, gold_table, key), project, answer, seed=rnd)
+            done = work(routable(annotators, flagged_workers(store), key), project, answer, seed=rnd)
             pulled = pull(store, admin, settings, project_ids=[project])
             print(f"  round {rnd}: pushed {pushed['pushed']} tasks, {sum(done.values())} answers, "
                   f"pulled {pulled.get('new_votes', pulled)} votes", flush=True)

@@ -199,13 +199,30 @@ def test_local_image_outside_files_root_is_a_clear_error(tmp_path):
         bad("i1")
 
 
-def test_routable_drops_flagged_workers():
-    from crowd.simulate import Annotator, routable
+def test_routable_drops_workers_flagged_by_gold_or_by_qc(tmp_path):
+    from crowd.simulate import Annotator, flagged_workers, routable
+    from pipeline.store import LocalStore
 
-    people = [Annotator("a@x", "p", Profile()), Annotator("b@x", "p", Profile(kind="spammer"))]
-    wg = pd.DataFrame({"worker": [pseudonym("a@x", b"k"), pseudonym("b@x", b"k")], "flagged": [False, True]})
-    assert [a.email for a in routable(people, wg, b"k")] == ["a@x"]
-    assert len(routable(people, wg.iloc[0:0], b"k")) == 2
+    people = [Annotator(e, "p", Profile()) for e in ("a@x", "b@x", "c@x")]
+    store = LocalStore(tmp_path / "s")
+    assert flagged_workers(store) == set() and len(routable(people, flagged_workers(store), b"k")) == 3
+    a, b, c = (pseudonym(e, b"k") for e in ("a@x", "b@x", "c@x"))
+    store.write_table("worker_gold", _flag_rows("worker_gold", [a, b], [False, True]))
+    store.write_table("workers", _flag_rows("workers", [a, b, c], [False, False, True]))
+    assert flagged_workers(store) == {b, c}
+    assert [p.email for p in routable(people, flagged_workers(store), b"k")] == ["a@x"]
+
+
+def _flag_rows(table, workers, flagged):
+    """A minimal valid row per worker of a worker table (worker_gold or QC's workers)."""
+    from pipeline.schemas import arrow_schema
+
+    rows = {}
+    for f in arrow_schema(table):
+        blank = "" if str(f.type) == "string" else 0
+        rows[f.name] = [None if f.nullable else blank] * len(workers)
+    rows.update(worker=workers, flagged=flagged)
+    return pd.DataFrame(rows)
 
 
 def test_cli_without_server_settings_says_what_to_set(capsys, monkeypatch, tmp_path):

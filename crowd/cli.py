@@ -34,9 +34,9 @@ def admin_client(settings: Any) -> CrowdClient:
 
 
 def _store(settings: Any):
-    from pipeline.store import open_store
+    from pipeline.store import store_from_settings
 
-    return open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+    return store_from_settings(settings)
 
 
 def _read_plan(path: str | None) -> pd.DataFrame | None:

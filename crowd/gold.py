@@ -35,8 +35,10 @@ def worker_gold(votes: pd.DataFrame, tasks: pd.DataFrame, *, min_n: int, min_acc
     """One row per worker: votes, gold answers, gold accuracy, share of yes, flagged with reason."""
     if votes.empty:
         return pd.DataFrame(columns=COLUMNS)
-    v = votes[["worker", "task_id", "answer", "is_gold"]].copy()
-    g = v[v["is_gold"].astype(bool)].merge(tasks[["task_id", "gold_answer"]], on="task_id", how="inner")
+    # A grid task holds several images, each with its own gold answer: match on (task, image) when both say.
+    on = ["task_id", "image_id"] if "image_id" in votes.columns and "image_id" in tasks.columns else ["task_id"]
+    v = votes[["worker", "answer", "is_gold", *on]].copy()
+    g = v[v["is_gold"].astype(bool)].merge(tasks[[*on, "gold_answer"]], on=on, how="inner")
     g = g[g["gold_answer"].notna()]
     g["correct"] = g["answer"] == g["gold_answer"]
     per = v.groupby("worker").agg(n_votes=("task_id", "size"), yes_rate=("answer", lambda s: float((s == "yes").mean())))

@@ -10,7 +10,9 @@ kinds without touching them.
 
 from __future__ import annotations
 
+import hashlib
 import html
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +43,14 @@ class TaskKind:
     parse: Callable[[list[dict[str, Any]], dict[str, Any]], list[tuple[str | None, str]]]
     answers: tuple[str, ...] = ("yes", "no")
     description: str = ""
-    # answer -> the `result` list a person's click produces (simulated annotators submit it)
-    render: Callable[[str, dict[str, Any]], list[dict[str, Any]]] | None = None
+    # answer -> the `result` list a person's click produces (simulated annotators submit it); for a kind
+    # with `items`, the answer is a dict image_id -> answer
+    render: Callable[[Any, dict[str, Any]], list[dict[str, Any]]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Multi-image kinds (grid): task data -> [(request_id, image_id)] of the images the task asks about, and
+    # the grouping of a push's per-image requests into tasks (see `group_grid`). None for one-image kinds.
+    items: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None
+    group: Callable[..., Any] | None = None
 
     @property
     def label_config(self) -> str:
@@ -109,3 +116,149 @@ def register_kind(kind: TaskKind) -> TaskKind:
     """Add a kind (the boxes stage registers draw/quality/coverage)."""
     KINDS[kind.name] = kind
     return kind
+
+
+# -- grid: many candidate images of one synset in one task (ImageNet / ImageNetV2 used 48 per HIT) -----------
+GRID_MARK = re.compile(r"mark_(\d+)")
+
+
+def _grid_items(data: dict[str, Any]) -> list[tuple[str, str]]:
+    images = data.get("images")
+    if not isinstance(images, list) or not images:
+        raise BadAnnotation("task data has no 'images' list")
+    out = []
+    for i, im in enumerate(images):
+        if not isinstance(im, dict) or not isinstance(im.get("image_id"), str):
+            raise BadAnnotation(f"task data images[{i}] has no image_id")
+        out.append((str(im.get("request_id") or ""), im["image_id"]))
+    return out
+
+
+def _grid_build(req: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
+    """req: {"wnid", "items": [{"request_id", "image_id"}, ...]} (one grid); KeyError names an unknown wnid/image."""
+    syn = ctx["synsets"].get(req["wnid"])
+    if syn is None:
+        raise KeyError(req["wnid"])
+    images = [{"image": ctx["image_url"](it["image_id"]), "image_id": it["image_id"], "request_id": it["request_id"]}
+              for it in req["items"]]
+    return {"images": images, "lemmas": ", ".join(syn["lemmas"]), "gloss": syn["gloss"], "n_images": len(images)}
+
+
+def _grid_parse(result: list[dict[str, Any]], data: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """One (image_id, yes|no) per image of the grid: yes for each ticked `mark_<i>`, no for the rest.
+
+    >>> data = {"images": [{"image_id": "a"}, {"image_id": "b"}]}
+    >>> _grid_parse([{"from_name": "mark_1", "to_name": "img_1", "type": "choices", "value": {"choices": ["yes"]}}], data)
+    [('a', 'no'), ('b', 'yes')]
+    """
+    ids = [image_id for _, image_id in _grid_items(data)]
+    if not isinstance(result, list):
+        raise BadAnnotation(f"result is {type(result).__name__}, expected a list")
+    marked: set[int] = set()
+    for r in result:
+        name = r.get("from_name") if isinstance(r, dict) else None
+        m = GRID_MARK.fullmatch(name) if isinstance(name, str) else None
+        if m is None:
+            raise BadAnnotation(f"unexpected control {name!r} in a grid result (expected mark_<index>)")
+        idx = int(m.group(1))
+        if idx >= len(ids):
+            raise BadAnnotation(f"{name} points past the grid's {len(ids)} images")
+        if r.get("to_name") != f"img_{idx}":
+            raise BadAnnotation(f"{name} is attached to {r.get('to_name')!r}, expected img_{idx}")
+        value = r.get("value")
+        choices = value.get("choices") if isinstance(value, dict) else None
+        if choices == []:
+            continue  # ticked then unticked: the front end may keep an empty choice
+        if choices != ["yes"]:
+            raise BadAnnotation(f"{name} choices {choices!r}: expected ['yes']")
+        if idx in marked:
+            raise BadAnnotation(f"{name} appears twice in the result")
+        marked.add(idx)
+    return [(image_id, "yes" if i in marked else "no") for i, image_id in enumerate(ids)]
+
+
+def _grid_render(answers: dict[str, str], data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The result a worker's ticks produce: one `mark_<i>` choice per image answered yes."""
+    return [{"from_name": f"mark_{i}", "to_name": f"img_{i}", "type": "choices", "value": {"choices": ["yes"]}}
+            for i, (_, image_id) in enumerate(_grid_items(data)) if answers.get(image_id) == "yes"]
+
+
+def _order(*parts: Any) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
+
+
+def group_grid(new: Any, *, gold: Any, history: Any, project_id: int, size: int = 48, positives: int = 3,
+               negatives: int = 3, kind: str = "grid") -> Any:
+    """Group a push's per-image requests into grids of one synset each (pure).
+
+    Each grid holds up to `size` images: the candidates of one wnid, split into even chunks, plus up to
+    `positives` known positives and `negatives` known negatives of that wnid from `gold` (least-used first)
+    as controls. Every row gets `task_key` (the grid's request id: a hash of its item request ids); control
+    rows are new requests of their own (is_gold, gold_answer), numbered after the pair's earlier requests.
+
+        >>> import pandas as pd
+        >>> from crowd.push import REQUEST_COLUMNS
+        >>> new = pd.DataFrame([{"request_id": f"r{i}", "project_id": 1, "image_id": f"i{i}", "wnid": "n00000001",
+        ...                      "kind": "grid", "is_gold": False, "gold_answer": None, "overlap": 3,
+        ...                      "requested_at": None, "task_key": None} for i in range(10)])
+        >>> gold = pd.DataFrame({"image_id": ["p", "q"], "wnid": "n00000001", "answer": ["yes", "no"]})
+        >>> out = group_grid(new, gold=gold, history=pd.DataFrame(columns=REQUEST_COLUMNS), project_id=1, size=7)
+        >>> out.groupby("task_key").size().tolist(), int(out["is_gold"].sum())
+        ([7, 7], 4)
+    """
+    import math
+
+    import pandas as pd
+
+    from crowd.push import REQUEST_COLUMNS, request_id
+
+    if new.empty:
+        return new.assign(task_key=pd.Series(dtype=object))
+    if size < 2:
+        raise ValueError(f"grid size {size} is too small: use at least 2 images per grid")
+    hist = history[(history["project_id"] == project_id) & (history["kind"] == kind)] if len(history) else history
+    used = hist.groupby(["image_id", "wnid"]).size().to_dict() if len(hist) else {}
+    now = new["requested_at"].iloc[0]
+    rows: list[dict[str, Any]] = []
+    for wnid, cand in new.sort_values("request_id").groupby("wnid", sort=True):
+        controls: dict[str, list[tuple[str, str]]] = {"yes": [], "no": []}
+        if gold is not None and len(gold):
+            g = gold[gold["wnid"] == wnid]
+            for ans in ("yes", "no"):
+                controls[ans] = [(i, ans) for i in g.loc[g["answer"].astype(str).str.lower() == ans, "image_id"]]
+        n_ctrl = min(positives, len(controls["yes"])) + min(negatives, len(controls["no"]))
+        per_grid = max(1, size - n_ctrl)
+        n_grids = math.ceil(len(cand) / per_grid)
+        recs = cand.to_dict("records")
+        for k in range(n_grids):
+            chunk = recs[k * len(recs) // n_grids:(k + 1) * len(recs) // n_grids]
+            overlap = max(int(r["overlap"]) for r in chunk)
+            picked = []
+            for ans, want in (("yes", positives), ("no", negatives)):
+                # Least-used controls first, ties in a fixed hashed order, so pushes are reproducible.
+                pool = sorted(controls[ans], key=lambda c: (used.get((c[0], wnid), 0), _order(c[0], wnid)))
+                picked += pool[:want]
+            items = [dict(r) for r in chunk]
+            for image_id, ans in picked:
+                n = used.get((image_id, wnid), 0)
+                used[(image_id, wnid)] = n + 1
+                items.append({"request_id": request_id(kind, project_id, image_id, wnid, n), "project_id": project_id,
+                              "image_id": image_id, "wnid": wnid, "kind": kind, "is_gold": True, "gold_answer": ans,
+                              "overlap": overlap, "requested_at": now})
+            key = _order(kind, project_id, wnid, *sorted(it["request_id"] for it in items))[:32]
+            for it in items:
+                it["overlap"] = overlap
+                it["task_key"] = key
+            # Controls sit among the candidates in a fixed shuffled order (hash of request id).
+            rows += sorted(items, key=lambda it: _order(it["request_id"]))
+    return pd.DataFrame(rows, columns=REQUEST_COLUMNS)
+
+
+GRID = TaskKind(
+    name="grid", config_file="grid.xml", build=_grid_build, parse=_grid_parse, render=_grid_render,
+    description="a grid of candidate images of one synset: tick every image that shows it",
+    # A grid where no image shows the synset is a valid answer: the worker submits it with nothing ticked.
+    extra={"project": {"enable_empty_annotation": True}},
+    items=_grid_items, group=group_grid,
+)
+register_kind(GRID)

@@ -54,10 +54,12 @@ def find_project(client: CrowdClient, title: str) -> dict[str, Any] | None:
 
 def ensure_project(
     client: CrowdClient, title: str, label_config: str, *, overlap: int, description: str = "",
-    image_dir: str | Path | None = None,
+    image_dir: str | Path | None = None, project_settings: dict[str, Any] | None = None,
 ) -> int:
-    """The id of the project titled `title`, created or updated so config and overlap match."""
-    want = {"label_config": label_config, "maximum_annotations": int(overlap), **PROJECT_DEFAULTS}
+    """The id of the project titled `title`, created or updated so config and overlap match.
+    project_settings: a kind's own project settings over PROJECT_DEFAULTS (see TaskKind.extra["project"])."""
+    want = {"label_config": label_config, "maximum_annotations": int(overlap), **PROJECT_DEFAULTS,
+            **(project_settings or {})}
     proj = find_project(client, title)
     if proj is None:
         created = client.call(f"create project {title!r}", client.sdk.projects.create, title=title,
@@ -132,5 +134,5 @@ def provision(client: CrowdClient, settings: Any, *, kinds: list[str] | None = N
         kind = KINDS[name]
         out[name] = ensure_project(client, project_title(cs.project_prefix, name), kind.label_config,
                                    overlap=overlap or cs.default_overlap, description=kind.description,
-                                   image_dir=image_dir)
+                                   image_dir=image_dir, project_settings=kind.extra.get("project"))
     return out

@@ -72,7 +72,11 @@ def annotations_to_votes(
     default_kind: str = "verify",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pure core of pull: (new vote rows, new quarantine rows) from a project export."""
-    by_task = {int(r["task_id"]): r for r in tasks.to_dict("records")} if len(tasks) else {}
+    by_task: dict[int, dict[str, Any]] = {}
+    by_image: dict[tuple[int, str], dict[str, Any]] = {}  # a grid task has one tasks row per image
+    for r in tasks.to_dict("records") if len(tasks) else []:
+        by_task.setdefault(int(r["task_id"]), r)
+        by_image[(int(r["task_id"]), r["image_id"])] = r
     votes, quarantine = [], []
     now = datetime.now(UTC)
     for task in export:
@@ -94,6 +98,9 @@ def annotations_to_votes(
             worker = pseudonym(email, key) if email else None
 
             reason, answers = _interpret(ann, data, rec, worker, default_kind)
+            if reason is None and any(i is not None and (task_id, i) not in by_image for i, _ in answers):
+                stray = [i for i, _ in answers if i is not None and (task_id, i) not in by_image]
+                reason = f"answer for image(s) {stray[:3]} that the tasks table does not list for task {task_id}"
             if reason is not None:
                 quarantine.append({"annotation_id": ann_id, "task_id": task_id, "project_id": project_id,
                                    "worker": worker, "reason": reason,
@@ -102,8 +109,9 @@ def annotations_to_votes(
                 continue
             lead = ann.get("lead_time")
             for image_id, answer in answers:
-                votes.append({"annotation_id": ann_id, "task_id": task_id, "image_id": image_id or rec["image_id"],
-                              "wnid": rec["wnid"], "worker": worker, "answer": answer, "is_gold": bool(rec["is_gold"]),
+                r = rec if image_id is None else by_image[(task_id, image_id)]
+                votes.append({"annotation_id": ann_id, "task_id": task_id, "image_id": r["image_id"],
+                              "wnid": r["wnid"], "worker": worker, "answer": answer, "is_gold": bool(r["is_gold"]),
                               "lead_time_s": float(lead) if lead is not None else None,
                               "submitted_at": _ts(ann.get("created_at"))})
     return (pd.DataFrame(votes, columns=VOTE_COLUMNS), pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS))

@@ -38,9 +38,10 @@ from pipeline.store import LocalStore, S3Store, Store
 log = logging.getLogger("synsetforge.crowd")
 
 REQUEST_COLUMNS = ["request_id", "project_id", "image_id", "wnid", "kind", "is_gold", "gold_answer", "overlap",
-                   "requested_at"]
+                   "requested_at", "task_key"]
 TASK_COLUMNS = ["task_id", "project_id", "request_id", "image_id", "wnid", "kind", "is_gold", "gold_answer",
                 "pushed_at"]
+TASK_KEY = ["task_id", "image_id"]  # a grid task has one row per image
 
 
 class PlanError(ValueError):
@@ -101,7 +102,7 @@ def plan_requests(
         k = seq.get(pair, 0)
         rows.append({"request_id": request_id(kind, project_id, rec.image_id, rec.wnid, k), "project_id": project_id,
                      "image_id": rec.image_id, "wnid": rec.wnid, "kind": kind, "is_gold": False, "gold_answer": None,
-                     "overlap": int(rec.n_more), "requested_at": now})
+                     "overlap": int(rec.n_more), "requested_at": now, "task_key": None})
     if rows and gold is not None and len(gold) and gold_rate > 0:
         n_gold = max(1, round(len(rows) * gold_rate / (1.0 - gold_rate)))
         overlap = max(r["overlap"] for r in rows)  # every worker of the batch should meet the controls
@@ -114,7 +115,8 @@ def plan_requests(
             k = seq.get((rec.image_id, rec.wnid), 0)
             rows.append({"request_id": request_id(kind, project_id, rec.image_id, rec.wnid, k),
                          "project_id": project_id, "image_id": rec.image_id, "wnid": rec.wnid, "kind": kind,
-                         "is_gold": True, "gold_answer": str(rec.answer), "overlap": overlap, "requested_at": now})
+                         "is_gold": True, "gold_answer": str(rec.answer), "overlap": overlap, "requested_at": now,
+                         "task_key": None})
         # Shuffle controls among real tasks deterministically, so they are not all at the end of the queue.
         rows.sort(key=lambda r: r["request_id"])
     return pd.DataFrame(rows, columns=REQUEST_COLUMNS)
@@ -187,22 +189,31 @@ def _read(store: Store, name: str, columns: list[str]) -> pd.DataFrame:
     return df if len(df) else pd.DataFrame(columns=columns)
 
 
-def _append(store: Store, name: str, old: pd.DataFrame, new: pd.DataFrame, key: str) -> pd.DataFrame:
+def _append(store: Store, name: str, old: pd.DataFrame, new: pd.DataFrame, key: str | list[str]) -> pd.DataFrame:
     both = pd.concat([old, new], ignore_index=True) if len(old) else new.reset_index(drop=True)
-    both = both.drop_duplicates(subset=[key], keep="first")
+    both = both.drop_duplicates(subset=[key] if isinstance(key, str) else key, keep="first")
     store.write_table(name, both)
     return both
 
 
-def server_tasks(client: CrowdClient, project_id: int) -> pd.DataFrame:
-    """request_id, task_id, is_labeled, total_annotations of every task of a project (one paged listing)."""
+def server_tasks(client: CrowdClient, project_id: int, *, expand_items: bool = False) -> pd.DataFrame:
+    """request_id, task_id, is_labeled, total_annotations of every task of a project (one paged listing).
+    expand_items: a multi-image (grid) task gives one row per image, with that image's request id."""
     rows = []
     for t in client.iter_tasks(project_id, fields="all"):
         data = t.get("data") or {}
-        rows.append({"request_id": data.get("request_id"), "task_id": int(t["id"]),
-                     "is_labeled": bool(t.get("is_labeled")), "total_annotations": int(t.get("total_annotations") or 0),
-                     "cancelled_annotations": int(t.get("cancelled_annotations") or 0),
-                     "image_id": data.get("image_id"), "wnid": data.get("wnid")})
+        row = {"request_id": data.get("request_id"), "task_id": int(t["id"]),
+               "is_labeled": bool(t.get("is_labeled")), "total_annotations": int(t.get("total_annotations") or 0),
+               "cancelled_annotations": int(t.get("cancelled_annotations") or 0),
+               "image_id": data.get("image_id"), "wnid": data.get("wnid")}
+        kind = KINDS.get(data.get("kind") or "")
+        if expand_items and kind is not None and kind.items is not None:
+            try:
+                rows += [{**row, "request_id": rid or None, "image_id": iid} for rid, iid in kind.items(data)]
+            except ValueError:
+                rows.append(row)  # malformed data: reported as an unknown server task
+            continue
+        rows.append(row)
     return pd.DataFrame(rows, columns=["request_id", "task_id", "is_labeled", "total_annotations",
                                        "cancelled_annotations", "image_id", "wnid"])
 
@@ -211,7 +222,7 @@ def reconcile(store: Store, client: CrowdClient, project_id: int) -> dict[str, A
     """Record server tasks the `tasks` table misses; report requests with no task and unknown server tasks."""
     requests = _read(store, "push_requests", REQUEST_COLUMNS)
     tasks = _read(store, "tasks", TASK_COLUMNS)
-    remote = server_tasks(client, project_id)
+    remote = server_tasks(client, project_id, expand_items=True)
     dup = remote[remote["request_id"].notna() & remote["request_id"].duplicated(keep=False)]
     if len(dup):
         log.error("project %s has %d tasks sharing a request_id: %s", project_id, len(dup), dup.head().to_dict("records"))
@@ -226,7 +237,7 @@ def reconcile(store: Store, client: CrowdClient, project_id: int) -> dict[str, A
                       "image_id": q["image_id"], "wnid": q["wnid"], "kind": q["kind"], "is_gold": bool(q["is_gold"]),
                       "gold_answer": q["gold_answer"], "pushed_at": datetime.now(UTC)})
     if adopt:
-        tasks = _append(store, "tasks", tasks, pd.DataFrame(adopt, columns=TASK_COLUMNS), "task_id")
+        tasks = _append(store, "tasks", tasks, pd.DataFrame(adopt, columns=TASK_COLUMNS), TASK_KEY)
         log.info("reconciled %d task(s) pushed before a crash", len(adopt))
     on_server = set(remote["request_id"].dropna())
     mine = requests[requests["project_id"] == project_id] if len(requests) else requests
@@ -263,7 +274,11 @@ def push(
     remote, tasks, history = state["remote"], state["tasks"], state["requests"]
     open_ids = set(state["pending"]["request_id"]) | set(remote.loc[~remote["is_labeled"].astype(bool), "request_id"].dropna())
     new = plan_requests(plan, kind=kind, project_id=project_id, history=history, open_request_ids=open_ids,
-                        gold=gold, gold_rate=cs.gold_rate)
+                        gold=gold, gold_rate=0.0 if task_kind.group else cs.gold_rate)
+    if task_kind.group is not None:  # multi-image kinds: requests -> tasks of many images, controls per task
+        new = task_kind.group(new, gold=gold, history=history, project_id=project_id,
+                              size=getattr(cs, "grid_size", 48), positives=getattr(cs, "grid_positives", 3),
+                              negatives=getattr(cs, "grid_negatives", 3), kind=kind)
     if len(new):  # write-ahead: the request exists before the task does
         history = _append(store, "push_requests", history, new, "request_id")
     todo = pd.concat([state["pending"], new], ignore_index=True) if len(state["pending"]) else new
@@ -279,14 +294,16 @@ def push(
         examples = accepted_examples(store, resolve)
     ctx = {"synsets": {r["wnid"]: r for r in synsets.to_dict("records")}, "examples": examples, "image_url": resolve}
     payload, problems = [], []
-    for req in todo.to_dict("records"):
+    for req, items in _task_requests(todo, task_kind):
         try:
             data = task_kind.build(req, ctx)
         except KeyError as exc:
-            problems.append(f"{req['image_id']}/{req['wnid']}: unknown {exc.args[0]!r}")
+            problems.append(f"{req.get('image_id', req['request_id'])}/{req['wnid']}: unknown {exc.args[0]!r}")
             continue
-        data.update({"request_id": req["request_id"], "image_id": req["image_id"], "wnid": req["wnid"], "kind": kind})
-        payload.append({"data": data, "overlap": int(req["overlap"]), "_req": req})
+        data.update({"request_id": req["request_id"], "wnid": req["wnid"], "kind": kind})
+        if task_kind.items is None:
+            data["image_id"] = req["image_id"]
+        payload.append({"data": data, "overlap": int(req["overlap"]), "_req": req, "_items": items})
     if problems:
         raise PlanError(
             f"{len(problems)} push request(s) name an image or synset the store does not have (first: {problems[:3]}); "
@@ -294,20 +311,39 @@ def push(
         )
     _ensure_overlap(client, project_id, int(todo["overlap"].max()))
     size = batch_size or cs.batch_size
-    pushed = 0
+    if task_kind.items is not None:  # batch_size counts images: a grid task holds many
+        size = max(1, size // max(1, max(len(b["_items"]) for b in payload)))
+    pushed = n_images = 0
     for start in range(0, len(payload), size):
         batch = payload[start:start + size]
         ids = _import_batch(client, project_id, batch)
         now = datetime.now(UTC)
-        rows = [{"task_id": tid, "project_id": project_id, "request_id": b["_req"]["request_id"],
-                 "image_id": b["_req"]["image_id"], "wnid": b["_req"]["wnid"], "kind": kind,
-                 "is_gold": bool(b["_req"]["is_gold"]), "gold_answer": b["_req"]["gold_answer"], "pushed_at": now}
-                for b, tid in zip(batch, ids, strict=True) if tid is not None]
-        tasks = _append(store, "tasks", tasks, pd.DataFrame(rows, columns=TASK_COLUMNS), "task_id")
-        pushed += len(rows)
-    n_gold = int(sum(bool(b["_req"]["is_gold"]) for b in payload))
-    return {"project_id": project_id, "pushed": pushed, "gold": n_gold, "adopted": state["adopted"],
+        rows = [{"task_id": tid, "project_id": project_id, "request_id": it["request_id"],
+                 "image_id": it["image_id"], "wnid": it["wnid"], "kind": kind,
+                 "is_gold": bool(it["is_gold"]), "gold_answer": it["gold_answer"], "pushed_at": now}
+                for b, tid in zip(batch, ids, strict=True) if tid is not None for it in b["_items"]]
+        tasks = _append(store, "tasks", tasks, pd.DataFrame(rows, columns=TASK_COLUMNS), TASK_KEY)
+        pushed += sum(tid is not None for tid in ids)
+        n_images += len(rows)
+    n_gold = int(sum(bool(it["is_gold"]) for b in payload for it in b["_items"]))
+    return {"project_id": project_id, "pushed": pushed, "images": n_images, "gold": n_gold, "adopted": state["adopted"],
             "resumed": len(state["pending"]), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _task_requests(todo: pd.DataFrame, task_kind: TaskKind) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(task request, its per-image requests): one each for one-image kinds; a multi-image kind's requests are
+    gathered by `task_key` (set by its `group`), so a resumed push rebuilds exactly the grids it logged."""
+    recs = todo.to_dict("records")
+    if task_kind.items is None:
+        return [(r, [r]) for r in recs]
+    grids: dict[str, list[dict[str, Any]]] = {}
+    for r in recs:
+        if not isinstance(r.get("task_key"), str):
+            raise PlanError(f"push request {r['request_id']} of kind {task_kind.name} has no task_key; "
+                            "it was logged by an older push: delete it from push_requests and push again")
+        grids.setdefault(r["task_key"], []).append(r)
+    return [({"request_id": key, "wnid": items[0]["wnid"], "overlap": max(int(i["overlap"]) for i in items),
+              "is_gold": False, "gold_answer": None, "items": items}, items) for key, items in grids.items()]
 
 
 def _ensure_overlap(client: CrowdClient, project_id: int, overlap: int) -> None:

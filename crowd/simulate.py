@@ -190,13 +190,18 @@ def work(
             data = task["data"]
             kind = KINDS[data.get("kind", "verify")]
             rng = random.Random(int(hashlib.sha256(f"{seed}|{a.email}|{task['id']}".encode()).hexdigest()[:12], 16))
-            key = (data["image_id"], data["wnid"])
-            if key not in truth:
-                raise KeyError(f"no truth for {key}: the simulation's truth table must cover every pushed task")
-            ans = a.profile.answer(truth[key], rng=rng, choices=kind.answers,
-                                   difficulty=(difficulty or {}).get(data["wnid"]))
+            # A grid task asks about many images: the worker judges each one, then submits once.
+            image_ids = [i for _, i in kind.items(data)] if kind.items is not None else [data["image_id"]]
+            answers = {}
+            for image_id in image_ids:
+                key = (image_id, data["wnid"])
+                if key not in truth:
+                    raise KeyError(f"no truth for {key}: the simulation's truth table must cover every pushed task")
+                answers[image_id] = a.profile.answer(truth[key], rng=rng, choices=kind.answers,
+                                                     difficulty=(difficulty or {}).get(data["wnid"]))
             lead = max(0.5, rng.gauss(a.profile.speed_s, a.profile.speed_s / 4))
-            submit(a.client, int(task["id"]), project_id, kind.render(ans, data), round(lead, 3))
+            result = kind.render(answers, data) if kind.items is not None else kind.render(answers[image_ids[0]], data)
+            submit(a.client, int(task["id"]), project_id, result, round(lead, 3))
             done[a.email] += 1
             still.append(a)
         active = still

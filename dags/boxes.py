@@ -21,10 +21,10 @@ def _ctx(params):
     from crowd.boxes import admin_from_settings
     from pipeline.boxes import box_settings
     from pipeline.dagtools import settings_from_params
-    from pipeline.store import open_store
+    from pipeline.store import store_from_settings
 
     settings = settings_from_params(params, "crowd", ["url", "project_prefix", "files_root"])
-    store = open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+    store = store_from_settings(settings)
     return settings, store, admin_from_settings(settings), box_settings(settings)
 
 

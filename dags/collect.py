@@ -27,9 +27,9 @@ def _settings(params):
     for name in INGEST_FIELDS:
         if params.get(name) not in (None, [], ""):
             setattr(settings.ingest, name, params[name])
-    from pipeline.store import open_store
+    from pipeline.store import store_from_settings
 
-    return settings, open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+    return settings, store_from_settings(settings)
 
 
 @dag(

@@ -23,9 +23,9 @@ def _settings(params):
 
 def _client_and_store(settings):
     from crowd.cli import admin_client
-    from pipeline.store import open_store
+    from pipeline.store import store_from_settings
 
-    return admin_client(settings), open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+    return admin_client(settings), store_from_settings(settings)
 
 
 @dag(

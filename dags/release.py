@@ -36,10 +36,10 @@ def synsetforge_release():
         from pipeline.dagtools import settings_from_params
         from pipeline.release.build import build_release
         from pipeline.release.manifest import ReleaseExists, read_manifest, release_exists
-        from pipeline.store import open_store
+        from pipeline.store import store_from_settings
 
         settings = settings_from_params(params, "release", _FIELDS)
-        store = open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+        store = store_from_settings(settings)
         version, parent = params["version"], params.get("parent")
         if release_exists(store, version):
             if read_manifest(store, version)["parent"] != parent:
@@ -55,10 +55,10 @@ def synsetforge_release():
     def verify(version: str, params=None) -> str:
         from pipeline.dagtools import settings_from_params
         from pipeline.release.manifest import verify_release
-        from pipeline.store import open_store
+        from pipeline.store import store_from_settings
 
         settings = settings_from_params(params, "release", [])
-        res = verify_release(open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url), version)
+        res = verify_release(store_from_settings(settings), version)
         if not res.ok:
             raise RuntimeError(f"release {version} failed verification: {res.problems}")
         return version
@@ -67,10 +67,10 @@ def synsetforge_release():
     def report(version: str, params=None) -> dict:
         from pipeline.dagtools import settings_from_params
         from pipeline.release.report import build_report
-        from pipeline.store import open_store
+        from pipeline.store import store_from_settings
 
         settings = settings_from_params(params, "release", [])
-        store = open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+        store = store_from_settings(settings)
         rs = settings.release
         return build_report(store, version, thumbs_per_class=rs.report_thumbs_per_class,
                             max_thumb_classes=rs.report_max_thumb_classes)

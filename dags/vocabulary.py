@@ -29,11 +29,11 @@ def synsetforge_vocabulary():
     @task(outlets=[SYNSETS])
     def build_vocabulary(params=None) -> dict:
         from pipeline.dagtools import settings_from_params
-        from pipeline.store import open_store
+        from pipeline.store import store_from_settings
         from pipeline.vocabulary import run_vocabulary
 
         settings = settings_from_params(params, "vocabulary", ["roots", "max_depth", "leaves_only", "wnid_file", "exclude"])
-        store = open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+        store = store_from_settings(settings)
         summary = run_vocabulary(settings, store)
         summary.pop("depth_range", None)
         return summary

@@ -573,9 +573,9 @@ def run_plan(store: Any, policy: BoxesSettings | None = None, pairs: pd.DataFram
 
 # ------------------------------------------------------------------------------------------------- CLI
 def _open(settings: Any) -> Any:
-    from pipeline.store import open_store
+    from pipeline.store import store_from_settings
 
-    return open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+    return store_from_settings(settings)
 
 
 def _user_errors(fn: Callable[[Any, Any], int]) -> Callable[[Any, Any], int]:

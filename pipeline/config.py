@@ -128,6 +128,9 @@ class CrowdSettings(Section):
     gold_min_accuracy: float = Field(0.7, ge=0.0, le=1.0, description="workers below this gold accuracy are flagged")
     data_dir: str = Field(".labelstudio", description="data dir of the server `synsetforge crowd serve` starts")
     retries: int = Field(5, ge=0, description="retries of a failed Label Studio call, with exponential backoff")
+    grid_size: int = Field(48, ge=2, le=200, description="images per grid task (ImageNet used 48)")
+    grid_positives: int = Field(3, ge=0, description="known positives (gold) per grid task, when there are any")
+    grid_negatives: int = Field(3, ge=0, description="known negatives (gold) per grid task, when there are any")
 
 
 class ReleaseSettings(Section):

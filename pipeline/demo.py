@@ -205,6 +205,7 @@ def run_release_and_evaluate(settings: Settings, store: LocalStore, workdir: Pat
         lines.append(" ".join(map(str, others[:2] + [t] + others[2:4])) if i % 2 else " ".join(map(str, others[:5])))
     pred = workdir / "baseline_cls.txt"
     pred.write_text("\n".join(lines) + "\n")
+    print("  baseline submission (true class third of five guesses on half the images, absent on the rest):")
     print("  " + format_result(evaluate("cls", pred, gt)).replace("\n", "\n  "))
     return {"report": str(Path(store.root) / keys["report"]), "card": str(Path(store.root) / keys["card"])}
 

@@ -416,11 +416,11 @@ def format_result(res: dict[str, Any]) -> str:
 def _cmd(args: argparse.Namespace, settings: Any) -> int:
     from pipeline.cli import UserError
     from pipeline.release.manifest import ReleaseError
-    from pipeline.store import open_store
+    from pipeline.store import store_from_settings
 
     try:
         if args.release:
-            store = open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+            store = store_from_settings(settings)
             gt = ground_truth_from_release(store, args.release, args.split)
         elif args.ground_truth and args.mapping and args.task == "cls":
             gt = ground_truth_from_files(args.ground_truth, args.mapping)

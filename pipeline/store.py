@@ -247,3 +247,8 @@ def open_store(url: str | os.PathLike[str], *, endpoint_url: str | None = None) 
     if parsed.scheme and len(parsed.scheme) > 1:
         raise StoreError(f"store URL {text!r}: unsupported scheme {parsed.scheme!r}; use a path, file:// or s3://")
     return LocalStore(text)
+
+
+def store_from_settings(settings: Any) -> Store:
+    """The store the configuration names (settings.store.url and its S3 endpoint)."""
+    return open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)

@@ -363,7 +363,7 @@ def register_cli(sub: Any) -> None:
 
 def _cli(args: Any, settings: Any) -> int:
     from pipeline.cli import UserError
-    from pipeline.store import open_store
+    from pipeline.store import store_from_settings
 
     v = settings.vocabulary
     for name, value in (("roots", args.root), ("max_depth", args.max_depth), ("leaves_only", args.leaves_only),
@@ -372,7 +372,7 @@ def _cli(args: Any, settings: Any) -> int:
             setattr(v, name, value)
     if args.no_multilingual:
         v.multilingual = False
-    store = open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+    store = store_from_settings(settings)
     try:
         summary = run_vocabulary(settings, store)
     except VocabularyError as exc:

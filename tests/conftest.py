@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="sf-airflow-")
-os.environ.setdefault("AIRFLOW_HOME", _AIRFLOW_HOME)
+os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME  # never a developer's real Airflow
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["AIRFLOW__CORE__PARALLELISM"] = "2"

@@ -28,14 +28,14 @@ def cmd_ingest(args: argparse.Namespace, settings: Any) -> int:
     from tqdm import tqdm
 
     from pipeline.ingest.stage import run_ingest
-    from pipeline.store import open_store
+    from pipeline.store import store_from_settings
 
     for key in ("concurrency", "per_host", "processes"):
         if getattr(args, key):
             setattr(settings.ingest, key, getattr(args, key))
     if args.local_dir:  # file:// candidates are read only under this root
         settings.collect.local_dir = args.local_dir
-    store = open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+    store = store_from_settings(settings)
     bar = tqdm(desc="ingest", unit="url", disable=args.no_progress or not sys.stderr.isatty(), file=sys.stderr)
     stats = {"ok": 0, "bad": 0}
 

@@ -47,6 +47,13 @@ DEFAULT_RADIUS = 6
 DEFAULT_MAX_THUMB_DIST = 0.5
 THUMB_TRIM = 0.2
 _PAIR_BLOCK = 1 << 22  # candidate pairs materialised at once (bounds memory on big buckets)
+# Cost model of one chunk combination (measured on this machine, numpy 2.2, AVX-512 sort): building the packed
+# keys, sorting them and gathering the hashes costs ~_NS_PER_KEY per hash; every candidate pair (equal key)
+# costs ~_NS_PER_CANDIDATE to check. The sorted keys are kept (8 bytes per hash and combination), so the number
+# of combinations is also capped by _MAX_COMBOS.
+_NS_PER_KEY = 30.0
+_NS_PER_CANDIDATE = 6.0
+_MAX_COMBOS = 120
 
 
 def _popcount(x: np.ndarray) -> np.ndarray:
@@ -54,15 +61,21 @@ def _popcount(x: np.ndarray) -> np.ndarray:
 
 
 def _plan(radius: int, n_hint: int) -> tuple[int, int]:
-    """Choose (m chunks, k equal chunks) minimising an estimate of sort + candidate cost for n_hint hashes."""
+    """Choose (m chunks, k equal chunks) minimising the estimated sort + candidate cost for n_hint hashes.
+
+    E.g. r = 6 at 1,000,000 hashes: 9 chunks, 3 equal (84 sorts of ~21-bit keys, ~0.2 M candidates each) beats
+    8 chunks, 2 equal (28 sorts of 16-bit keys but ~7.6 M candidates each).
+    """
+    n = max(int(n_hint), 2)
+    idx_bits = (n - 1).bit_length()
     best: tuple[float, int, int] | None = None
     for m in range(radius + 1, min(64, radius + 12) + 1):
         k = m - radius
         n_keys = math.comb(m, k)
-        if n_keys > 400:
+        if n_keys > _MAX_COMBOS:
             continue
-        bits = 64 * k / m
-        cost = n_keys * (12.0 * n_hint + n_hint * n_hint / 2 / 2.0**bits + 1)
+        bits = min(64.0 * k / m, 64.0 - idx_bits)
+        cost = n_keys * (_NS_PER_KEY * n + _NS_PER_CANDIDATE * n * n / 2 / 2.0**bits)
         if best is None or cost < best[0]:
             best = (cost, m, k)
     if best is None:
@@ -74,133 +87,141 @@ def _plan(radius: int, n_hint: int) -> tuple[int, int]:
 class _Segment:
     hashes: np.ndarray  # uint64
     ids: np.ndarray  # int64
-    keys: list[np.ndarray] = field(default_factory=list)  # per combination: sorted keys
-    order: list[np.ndarray] = field(default_factory=list)  # per combination: argsort (int32/int64)
+    low: np.uint64 = np.uint64(0)  # mask of the position bits at the bottom of every packed key
+    keys: list[np.ndarray] = field(default_factory=list)  # per combination: sorted (key bits | position) uint64
 
 
 class HammingIndex:
     """Exact all-pairs / lookup search for 64-bit hashes within a Hamming radius; extendable by batches.
 
-    ``n_hint`` (expected final size) picks the chunking; results are exact for any size.
+    ``n_hint`` (expected final size) picks the chunking; ``chunks`` forces the number of chunks m (>= radius + 1).
+    Results are exact for any size and any chunking.
     """
 
-    def __init__(self, radius: int = DEFAULT_RADIUS, n_hint: int = 1_000_000) -> None:
+    def __init__(self, radius: int = DEFAULT_RADIUS, n_hint: int = 1_000_000, chunks: int | None = None) -> None:
         if not 0 <= radius <= 16:
             raise ValueError(f"radius must be in 0..16, got {radius}")
         self.radius = radius
-        self.m, self.k = _plan(radius, n_hint)
+        if chunks is None:
+            self.m, self.k = _plan(radius, n_hint)
+        elif radius + 1 <= chunks <= 64 and math.comb(chunks, chunks - radius) <= 5000:
+            self.m, self.k = chunks, chunks - radius
+        else:
+            raise ValueError(f"chunks must be in {radius + 1}..64 for radius {radius} (and C(chunks, chunks - radius)"
+                             f" <= 5000), got {chunks}")
         edges = np.linspace(0, 64, self.m + 1).round().astype(int)
         self._chunks = [(int(edges[i]), int(edges[i + 1] - edges[i])) for i in range(self.m)]
+        # Mask of chunk c inside the hash (chunk 0 = most significant bits).
+        self._masks = [np.uint64(((1 << w) - 1) << (64 - s - w)) for s, w in self._chunks]
         self.combos = list(combinations(range(self.m), self.k))
+        self._spans = [self._key_spans(combo) for combo in self.combos]
+        self._combo_masks = [np.uint64(sum(int(self._masks[c]) for c in combo)) for combo in self.combos]
         self._segments: list[_Segment] = []
         self._next_id = 0
-        width = max(sum(self._chunks[c][1] for c in combo) for combo in self.combos)
-        self._key_dtype = np.uint32 if width <= 32 else np.uint64
 
     def __len__(self) -> int:
         return sum(len(s.hashes) for s in self._segments)
 
     # -- keys --------------------------------------------------------------------------------------
-    def _chunk(self, h: np.ndarray, c: int) -> np.ndarray:
-        start, width = self._chunks[c]
-        return (h >> np.uint64(64 - start - width)) & np.uint64((1 << width) - 1)
-
-    def _key(self, h: np.ndarray, combo: tuple[int, ...]) -> np.ndarray:
-        key = np.zeros(len(h), dtype=np.uint64)
+    def _key_spans(self, combo: tuple[int, ...]) -> list[tuple[np.uint64, int]]:
+        """(mask, left shift) per run of adjacent chunks: moves the combo's chunks to the top bits, in order."""
+        spans: list[tuple[int, int, int]] = []  # (source start, width, target start), bit 0 = MSB
+        target = 0
         for c in combo:
-            key = (key << np.uint64(self._chunks[c][1])) | self._chunk(h, c)
-        return key.astype(self._key_dtype)
+            start, width = self._chunks[c]
+            if spans and spans[-1][0] + spans[-1][1] == start:
+                s, w, t = spans[-1]
+                spans[-1] = (s, w + width, t)
+            else:
+                spans.append((start, width, target))
+            target += width
+        return [(np.uint64(((1 << w) - 1) << (64 - s - w)), s - t) for s, w, t in spans]
 
-    def _first_combo_mask(self, a: np.ndarray, b: np.ndarray, combo: tuple[int, ...]) -> np.ndarray:
-        """True where `combo` is the first (lexicographic) all-equal combination of chunks of a and b."""
-        eq = np.zeros(len(a), dtype=np.int64)
-        x = a ^ b
-        last = combo[-1]
-        for c in range(last + 1):
-            eq += self._chunk(x, c) == 0
-        return eq == self.k  # combo chunks are equal by construction, so no other chunk <= last is
+    def _key(self, h: np.ndarray, ci: int) -> np.ndarray:
+        """The combo's chunks concatenated in the top bits of a uint64 (lower bits zero)."""
+        spans = self._spans[ci]
+        key = h & spans[0][0]
+        if spans[0][1]:
+            key <<= np.uint64(spans[0][1])
+        if len(spans) > 1:
+            tmp = np.empty_like(key)
+            for mask, shift in spans[1:]:
+                np.bitwise_and(h, mask, out=tmp)
+                if shift:
+                    tmp <<= np.uint64(shift)
+                key |= tmp
+        return key
+
+    def _first_combo(self, x: np.ndarray, ci: int) -> np.ndarray:
+        """True where combo ci is the first (lexicographic) all-equal chunk combination for XORs x.
+
+        A pair equal on several combinations is then reported once. The key may be truncated to make room for the
+        position bits, so the combo's chunks are checked too.
+        """
+        combo = self.combos[ci]
+        ok = (x & self._combo_masks[ci]) == 0
+        eq = np.zeros(len(x), dtype=np.int8)
+        for c in range(combo[-1] + 1):
+            eq += (x & self._masks[c]) == 0
+        return ok & (eq == self.k)
 
     def _build(self, hashes: np.ndarray, ids: np.ndarray) -> _Segment:
-        seg = _Segment(hashes, ids)
-        for combo in self.combos:
-            key = self._key(hashes, combo)
-            order = np.argsort(key, kind="stable")
-            seg.keys.append(key[order])
-            seg.order.append(order)
+        """Per combination, sort (key | position) packed in one uint64: a plain SIMD sort, no argsort."""
+        n = len(hashes)
+        low = np.uint64((1 << max(1, (n - 1).bit_length())) - 1)
+        seg = _Segment(hashes, ids, low)
+        pos = np.arange(n, dtype=np.uint64)
+        for ci in range(len(self.combos)):
+            p = self._key(hashes, ci)
+            p &= ~low  # drops the key's lowest bits if they overlap the positions: still a superset of candidates
+            p |= pos
+            p.sort()
+            seg.keys.append(p)
         return seg
 
     # -- search ------------------------------------------------------------------------------------
-    def _verify(self, a: np.ndarray, b: np.ndarray, combo: tuple[int, ...]) -> np.ndarray:
-        x = a ^ b
-        ok = _popcount(x) <= self.radius
-        ok[ok] = self._first_combo_mask(a[ok], b[ok], combo)
-        return ok
-
-    def _pairs_in_runs(self, keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Positions (i < j) of equal neighbours' runs in a sorted key array, in bounded blocks."""
-        n = len(keys)
-        if n < 2:
-            return
-        new_run = np.empty(n, dtype=bool)
-        new_run[0] = True
-        np.not_equal(keys[1:], keys[:-1], out=new_run[1:])
-        starts = np.flatnonzero(new_run)
-        sizes = np.diff(np.append(starts, n))
-        multi = sizes > 1
-        starts, sizes = starts[multi], sizes[multi]
-        if len(starts) == 0:
-            return
-        pos = np.repeat(starts, sizes) + (np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes))
-        cnt = np.repeat(starts + sizes, sizes) - pos - 1
-        cum = np.cumsum(cnt)
-        lo = 0
-        while lo < len(pos):
-            hi = int(np.searchsorted(cum, (cum[lo - 1] if lo else 0) + _PAIR_BLOCK, side="right"))
-            hi = max(hi, lo + 1)
-            p, c = pos[lo:hi], cnt[lo:hi]
-            total = int(c.sum())
-            if total:
-                left = np.repeat(p, c)
-                right = left + 1 + (np.arange(total) - np.repeat(np.cumsum(c) - c, c))
-                yield left, right
-            lo = hi
-
     def _self_join(self, seg: _Segment) -> tuple[np.ndarray, np.ndarray]:
         out_a, out_b = [], []
-        for ci, combo in enumerate(self.combos):
-            order = seg.order[ci]
-            for left, right in self._pairs_in_runs(seg.keys[ci]):
-                ia, ib = order[left], order[right]
-                ok = self._verify(seg.hashes[ia], seg.hashes[ib], combo)
-                out_a.append(seg.ids[ia[ok]])
-                out_b.append(seg.ids[ib[ok]])
+        r = self.radius
+        for ci, p in enumerate(seg.keys):
+            order = (p & seg.low).view(np.int64)
+            hs = seg.hashes[order]
+            for i, j in _close_in_runs(p, hs, seg.low, r):
+                ok = self._first_combo(hs[i] ^ hs[j], ci)
+                out_a.append(seg.ids[order[i[ok]]])
+                out_b.append(seg.ids[order[j[ok]]])
         return _cat(out_a), _cat(out_b)
 
     def _cross(self, q: np.ndarray, seg: _Segment) -> tuple[np.ndarray, np.ndarray]:
         """(query position, id in seg) for hashes q against one segment."""
         out_q, out_id = [], []
-        for ci, combo in enumerate(self.combos):
-            qk = self._key(q, combo)
-            sk = seg.keys[ci]
-            lo = np.searchsorted(sk, qk, side="left")
-            cnt = np.searchsorted(sk, qk, side="right") - lo
+        for ci, p in enumerate(seg.keys):
+            qk = self._key(q, ci)
+            qk &= ~seg.low
+            qorder = np.argsort(qk)  # sorted needles: searchsorted walks the segment forward, cache-friendly
+            qk = qk[qorder]
+            lo = np.searchsorted(p, qk, side="left")
+            cnt = np.searchsorted(p, qk | seg.low, side="right") - lo
             hit = np.flatnonzero(cnt)
             if len(hit) == 0:
                 continue
-            lo, cnt = lo[hit], cnt[hit]
-            cum = np.cumsum(cnt)
-            start = 0
-            while start < len(hit):
-                stop = max(int(np.searchsorted(cum, (cum[start - 1] if start else 0) + _PAIR_BLOCK, "right")), start + 1)
-                c = cnt[start:stop]
-                total = int(c.sum())
-                qi = np.repeat(hit[start:stop], c)
-                sp = np.repeat(lo[start:stop], c) + (np.arange(total) - np.repeat(np.cumsum(c) - c, c))
-                si = seg.order[ci][sp]
-                ok = self._verify(q[qi], seg.hashes[si], combo)
-                out_q.append(qi[ok])
-                out_id.append(seg.ids[si[ok]])
-                start = stop
+            lo, cnt, qh = lo[hit], cnt[hit], q[qorder[hit]]
+            # Many candidates: gather the segment's hashes into key order once (then reads are sequential);
+            # a few: gather just those.
+            order = (p & seg.low).view(np.int64)
+            hs = seg.hashes[order] if int(cnt.sum()) * 4 > len(p) else None
+            # Pass d compares every query with the d-th entry of its key's range: work ~ candidates, no pair lists.
+            act, d = np.arange(len(hit)), 0
+            while len(act):
+                sp = lo[act] + d
+                x = qh[act] ^ (hs[sp] if hs is not None else seg.hashes[order[sp]])
+                close = np.flatnonzero(_popcount(x) <= self.radius)
+                if len(close):
+                    ok = close[self._first_combo(x[close], ci)]
+                    out_q.append(qorder[hit[act[ok]]])
+                    out_id.append(seg.ids[order[sp[ok]]])
+                d += 1
+                act = act[cnt[act] > d]
         return _cat(out_q), _cat(out_id)
 
     def query(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -223,20 +244,28 @@ class HammingIndex:
         a, b = _cat(a_parts), _cat(b_parts)
         return np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1) if len(a) else np.empty((0, 2), np.int64)
 
-    def add(self, hashes: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
-        """Add a batch (sorted on its own, then merged with segments of similar size); returns the batch's ids."""
+    def _batch(self, hashes: np.ndarray, ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         h = np.ascontiguousarray(hashes, dtype=np.uint64)
         if ids is None:
             ids = np.arange(self._next_id, self._next_id + len(h), dtype=np.int64)
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) != len(h):
             raise ValueError(f"{len(h)} hashes but {len(ids)} ids")
+        return h, ids
+
+    def _append(self, seg: _Segment) -> None:
+        ids = seg.ids
         self._next_id = max(self._next_id, int(ids.max()) + 1 if len(ids) else 0)
-        self._segments.append(self._build(h, ids))
+        self._segments.append(seg)
         # Log-structured merge: keep segment sizes roughly geometric, so total re-sorting stays O(n log n).
         while len(self._segments) > 1 and len(self._segments[-1].hashes) * 2 >= len(self._segments[-2].hashes):
             b, a = self._segments.pop(), self._segments.pop()
             self._segments.append(self._build(np.concatenate([a.hashes, b.hashes]), np.concatenate([a.ids, b.ids])))
+
+    def add(self, hashes: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Add a batch (sorted on its own, then merged with segments of similar size); returns the batch's ids."""
+        h, ids = self._batch(hashes, ids)
+        self._append(self._build(h, ids))
         return ids
 
     def pairs_within(self, hashes: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
@@ -250,10 +279,54 @@ class HammingIndex:
         """Look a new batch up against the index and within itself, then add it.
 
         Returns (ids assigned to the batch, pairs (batch id, earlier id), pairs inside the batch (id_a, id_b)).
+        The batch is sorted once: its segment serves the self-join and is then appended.
         """
-        qi, old = self.query(hashes)
-        ids = self.add(hashes)
-        return ids, np.stack([ids[qi], old], axis=1), self.pairs_within(hashes, ids)
+        h, ids = self._batch(hashes, None)
+        qi, old = self.query(h)
+        seg = self._build(h, ids)
+        a, b = self._self_join(seg)
+        self._append(seg)
+        inner = np.stack([a, b], axis=1) if len(a) else np.empty((0, 2), np.int64)
+        return ids, np.stack([ids[qi], old], axis=1), inner
+
+
+def _close_in_runs(p: np.ndarray, hs: np.ndarray, low: np.uint64, r: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Positions (i < j) in sorted packed keys p with equal key bits and popcount(hs[i] ^ hs[j]) <= r.
+
+    Compares every position with the one d places ahead, d = 1, 2, ...: while most positions still have a
+    same-key partner d ahead, on the whole array (contiguous SIMD, no gathers); then only on the positions whose run
+    continues (gathers on a shrinking set). Work ~ number of candidate pairs, no pair lists are materialised.
+    """
+    n = len(p)
+    if n < 2:
+        return
+    same = (p[1:] ^ p[:-1]) <= low  # same[i]: i and i + 1 share the key
+    eq, d = same, 1  # eq[i]: i and i + d share the key
+    x, pc, close = np.empty(n, np.uint64), np.empty(n, np.uint8), np.empty(n, bool)  # reused buffers
+    while True:
+        cnt = int(np.count_nonzero(eq))
+        if cnt == 0:
+            return
+        if cnt * 8 < len(eq):
+            break
+        w = n - d
+        np.bitwise_xor(hs[d:], hs[:-d], out=x[:w])
+        np.less_equal(np.bitwise_count(x[:w], out=pc[:w]), r, out=close[:w])
+        i = np.flatnonzero(close[:w])  # close pairs are rare: filter them by key afterwards
+        i = i[eq[i]]
+        if len(i):
+            yield i, i + d
+        d += 1
+        eq = np.logical_and(eq[:-1], same[d - 1 :], out=None if eq is same else eq[:-1])
+    act = np.flatnonzero(eq)
+    same = np.append(same, False)
+    while len(act):
+        j = act + d
+        ok = _popcount(hs[act] ^ hs[j]) <= r
+        if ok.any():
+            yield act[ok], j[ok]
+        act = act[same[j]]
+        d += 1
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

@@ -27,9 +27,9 @@ def _cmd(args: argparse.Namespace, settings: Any) -> int:
     from pipeline.cli import UserError
     from pipeline.qc.base import QCInputError
     from pipeline.qc.stage import run_qc
-    from pipeline.store import open_store
+    from pipeline.store import store_from_settings
 
-    store = open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+    store = store_from_settings(settings)
     pairs = _read_pairs(args.pairs) if args.pairs else None
     try:
         summary = run_qc(store, settings, pairs=pairs)

@@ -10,9 +10,9 @@ from pipeline.config import Settings
 
 
 def _store(settings: Settings) -> Any:
-    from pipeline.store import open_store
+    from pipeline.store import store_from_settings
 
-    return open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+    return store_from_settings(settings)
 
 
 def _user_errors(fn: Any) -> Any:

@@ -28,7 +28,7 @@ def cmd_collect(args: argparse.Namespace, settings: Any) -> int:
     from pipeline.cli import UserError
     from pipeline.sources.base import SourceError
     from pipeline.sources.collect import run_collect
-    from pipeline.store import open_store
+    from pipeline.store import store_from_settings
 
     overrides: dict[str, Any] = {}
     if args.licenses is not None:
@@ -39,7 +39,7 @@ def cmd_collect(args: argparse.Namespace, settings: Any) -> int:
     for key, value in overrides.items():
         setattr(settings.collect, key, value)
     sources = [s.strip() for s in args.sources.split(",")] if args.sources else None
-    store = open_store(settings.store.url, endpoint_url=settings.store.s3_endpoint_url)
+    store = store_from_settings(settings)
     bar = tqdm(desc="collect", unit="synset", disable=args.no_progress or not sys.stderr.isatty(), file=sys.stderr)
     try:
         summary = run_collect(store, settings, wnids=_wnids(args), source_names=sources, budget=args.budget,

@@ -1,10 +1,8 @@
 """Dawid-Skene speed: ours (numpy bincount EM) vs crowd-kit 1.4.2 per EM iteration, and a streamed
 100M-vote run with bounded memory.
 
-    # crowd-kit lives in a separate venv (it pulls transformers); ours needs only numpy/pandas/pyarrow:
-    python3.11 -m venv .venv-bench-qc && .venv-bench-qc/bin/pip install crowd-kit==1.4.2 numpy==2.2.6 \
-        pandas==3.1.1 pyarrow==26.0.1 pydantic
-    .venv-bench-qc/bin/python benchmarks/qc_speed.py compare --votes 1000000
+    # crowd-kit 1.4.2 is in the project lock (requirements.txt), so both run in .venv:
+    .venv/bin/python benchmarks/qc_speed.py compare --votes 1000000
     /usr/bin/time -v .venv/bin/python benchmarks/qc_speed.py stream --votes 100000000
 """
 

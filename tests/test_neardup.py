@@ -44,6 +44,45 @@ def test_self_pairs_exact_against_brute_force(radius: int, n_hint: int) -> None:
     assert planted <= got
 
 
+def _clustered_hashes(n: int, seed: int) -> np.ndarray:
+    """Hashes sharing their top 24 bits in a few big groups (long runs of equal keys), with near copies."""
+    rng = np.random.default_rng(seed)
+    h = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)
+    tops = rng.integers(0, 1 << 24, 6, dtype=np.uint64)
+    h = (h & np.uint64((1 << 40) - 1)) | (tops[rng.integers(0, len(tops), n)] << np.uint64(40))
+    for i in range(0, n // 3, 2):  # near copies at distance 0..8 around the radius
+        flips = rng.choice(64, int(rng.integers(0, 9)), replace=False)
+        h[i + 1] = h[i] ^ np.uint64(sum(1 << int(b) for b in flips))
+    return h
+
+
+@pytest.mark.parametrize("radius,chunks", [(6, 7), (6, 8), (6, 9), (6, 10), (2, 3), (2, 5), (0, None), (0, 4), (2, 13),
+                                           (4, 5)])
+def test_every_chunking_is_exact_on_clustered_hashes(radius: int, chunks: int | None) -> None:
+    """Any chunking (and a key truncated to make room for positions, as radius 0's 64-bit key is) is exact:
+    each pair within the radius once, none outside; long runs of equal keys go through the sparse passes."""
+    h = _clustered_hashes(1500, seed=chunks or 0)
+    h[-40:] = h[:40]  # exact copies: equal full keys
+    idx = HammingIndex(radius, chunks=chunks)
+    idx.add(h)
+    pairs = idx.self_pairs()
+    got = set(map(tuple, pairs.tolist()))
+    assert len(got) == len(pairs)
+    assert got == _brute(h, radius)
+    # lookup of a batch against the index gives the same pairs (both gather modes: many and few candidates)
+    for q in (h[:700], h[:3]):
+        qi, ids = idx.query(q)
+        found = set(zip(qi.tolist(), ids.tolist(), strict=True))
+        assert len(found) == len(qi)
+        d = np.bitwise_count(q[:, None] ^ h[None, :])
+        assert found == set(zip(*map(np.ndarray.tolist, np.nonzero(d <= radius)), strict=True))
+
+
+def test_bad_chunks_is_refused() -> None:
+    with pytest.raises(ValueError, match="chunks must be in 7..64 for radius 6"):
+        HammingIndex(6, chunks=6)
+
+
 def test_incremental_add_equals_one_shot_and_keeps_segments() -> None:
     h, _ = _random_hashes(3000, 400, 6, seed=1)
     idx = HammingIndex(6, n_hint=3000)

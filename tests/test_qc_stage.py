@@ -115,3 +115,14 @@ def test_run_qc_plans_first_votes_for_ingested_links_but_not_near_copies(tmp_pat
     plan = store.read_table("push_plan").to_pandas()
     assert sorted(plan["image_id"]) == ["a" * 64, "b" * 64]  # the near copy of a is not paid for twice
     assert (plan["n_more"] > 0).all() and summary["pending"] == 2
+
+
+def test_one_grid_annotation_gives_one_vote_per_image():
+    """A grid task yields several votes under one annotation id (one per image); all of them count, while an
+    exact repeat of a (annotation, image) row is still dropped."""
+    from pipeline.qc.stage import clean_votes
+
+    votes, _ = make_votes(n_images=3, n_workers=1)
+    votes["annotation_id"] = 7  # one grid annotation covering the three images
+    cleaned = clean_votes(pd.concat([votes, votes.head(1)], ignore_index=True))
+    assert sorted(cleaned["image_id"]) == sorted(votes["image_id"])

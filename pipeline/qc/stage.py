@@ -43,7 +43,7 @@ def clean_votes(votes: pd.DataFrame) -> pd.DataFrame:
             f"{votes.loc[bad, 'annotation_id'].head(5).tolist()}, values {sorted(set(votes.loc[bad, 'answer'].astype(str)))[:5]}); "
             "fix the pull step's answer mapping and pull again; nothing was written")
     v = votes.assign(answer=answer).sort_values(["annotation_id", "submitted_at"], kind="stable")
-    v = v.drop_duplicates("annotation_id", keep="last")
+    v = v.drop_duplicates(["annotation_id", "image_id"], keep="last")
     v = v.sort_values(["submitted_at", "annotation_id"], kind="stable")
     v = v.drop_duplicates(["image_id", "wnid", "worker"], keep="last")  # a worker who changed their answer
     return v.sort_values("annotation_id", kind="stable").reset_index(drop=True)

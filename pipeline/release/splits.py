@@ -75,19 +75,51 @@ def split_keys(image_ids: Any, salt: str) -> np.ndarray:
         if (lengths == lengths[0]).all():  # the usual case (sha256 hex ids): a dense n x L byte matrix
             length = int(lengths[0])
             mat = data[starts[0]:starts[0] + n * length].reshape(n, length) if length else np.zeros((n, 0), np.uint8)
-            for j in range(length):
-                h = (h ^ mat[:, j].astype(np.uint64)) * _FNV_PRIME
-        else:
-            for j in range(int(lengths.max())):
-                active = np.nonzero(lengths > j)[0]
-                h[active] = (h[active] ^ data[starts[active] + j].astype(np.uint64)) * _FNV_PRIME
+            return _splitmix64(_fnv_rows(mat, h))
+        for j in range(int(lengths.max())):
+            active = np.nonzero(lengths > j)[0]
+            h[active] = (h[active] ^ data[starts[active] + j].astype(np.uint64)) * _FNV_PRIME
         return _splitmix64(h)
+
+
+_FNV_BLOCK = 2048  # rows per block: a block's byte columns (L x 2048 x 8 bytes) stay in cache
+
+
+def _fnv_rows(mat: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """FNV-1a over each row of an n x L byte matrix, from start values h (updated in place).
+
+    Blocks of rows are transposed once, so each of the L steps is two in-place ufuncs on a contiguous
+    cached vector (a strided column per step over all n rows took twice as long)."""
+    for a in range(0, len(mat), _FNV_BLOCK):
+        cols = mat[a:a + _FNV_BLOCK].T.astype(np.uint64)  # L x block, C-contiguous
+        hb = h[a:a + _FNV_BLOCK]
+        for col in cols:
+            np.bitwise_xor(hb, col, out=hb)
+            np.multiply(hb, _FNV_PRIME, out=hb)
+    return h
+
+
+def argsort_stable(keys: np.ndarray) -> np.ndarray:
+    """Same result as np.argsort(keys, kind="stable"), faster for 64-bit keys: numpy's unstable sort is
+    SIMD (6x faster than its stable timsort on 1.3M random uint64), and ties, rare for hash keys, are then
+    put back in input order."""
+    order = np.argsort(keys)
+    if len(order) < 2:
+        return order
+    sk = keys[order]
+    tie = sk[1:] == sk[:-1]
+    if tie.any():
+        pos = np.nonzero(np.r_[tie, False] | np.r_[False, tie])[0]  # positions inside runs of equal keys
+        run = np.cumsum(np.r_[True, ~tie])[pos]
+        sub = order[pos]
+        order[pos] = sub[np.lexsort((sub, run))]
+    return order
 
 
 def class_then_key_order(class_codes: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Indices ordering rows by class code, then key; ties keep input order. Two stable single-key sorts
     (the class pass is a radix sort when codes fit 16 bits) instead of a multi-key lexsort."""
-    by_key = np.argsort(keys, kind="stable")
+    by_key = argsort_stable(keys)
     cls = class_codes[by_key]
     if len(cls) and cls.max() < 2**15:
         cls = cls.astype(np.int16)

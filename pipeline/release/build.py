@@ -1,10 +1,13 @@
 """Assemble a release from the store's tables and publish it immutably (manifest last).
 
 Pure core: `plan_release` decides (accepted labels of accepted images, one primary class per image,
-splits, near-duplicate leakage) on integer codes; `select_boxes` and `assemble` finish the tables.
+splits, near-duplicate leakage) on integer codes (`IdIndex` joins the string ids); `select_boxes` and
+`assemble` finish the tables.
 I/O shell: `build_release(store, version, ...)` runs the same steps staged, so that about one big table is
-in memory at a time (images are read narrow for the decision and in full only to be written), writes
-releases/<version>/data/<table>-<sha256[:16]>.parquet, then manifest.json with an exclusive put.
+in memory at a time (images are read narrow for the decision, and only their other columns afterwards, to be
+written), writes releases/<version>/data/<table>-<sha256[:16]>.parquet (encoded, hashed and fsynced on a
+second thread while the next table is read), then manifest.json with an exclusive put once every data file
+is durable.
 
     >>> import tempfile
     >>> from pipeline.store import open_store
@@ -18,11 +21,12 @@ releases/<version>/data/<table>-<sha256[:16]>.parquet, then manifest.json with a
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -173,6 +177,9 @@ def _sorted_search(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray
     return pos
 
 
+_VERIFY_BLOCK = 1 << 18
+
+
 class IdIndex:
     """Distinct string ids -> integer codes, and lookups of other string columns into them.
 
@@ -262,9 +269,11 @@ class IdIndex:
         pos[pos >= len(self._hashes)] = 0
         hit = fit & (self._hashes[pos] == h)
         codes = np.where(hit, self._group_code[pos], -1)
-        # confirm every hash match on the strings themselves
-        same = pc.equal(values, self.ids.take(pa.array(np.maximum(codes, 0))))
-        codes[~_mask(same)] = -1
+        # confirm every hash match on the strings themselves, a block at a time (no full copy of the ids)
+        for a in range(0, len(codes), _VERIFY_BLOCK):
+            block = codes[a:a + _VERIFY_BLOCK]
+            same = pc.equal(values.slice(a, len(block)), self.ids.take(pa.array(np.maximum(block, 0))))
+            block[~_mask(same)] = -1
         return codes
 
 
@@ -342,7 +351,7 @@ def plan_release(
     sel = np.nonzero(lab_split >= 0)[0]
     # output order: class, then salted key (independent of input row order; equal keys keep input order)
     sel = sel[class_then_key_order(lab_cls[sel], key_by_code[lab_img[sel]])]
-    out = labels.take(pa.array(rows[sel])).select(["image_id", "wnid", "confidence", "n_votes", "n_yes", "method"])
+    out = labels.select(["image_id", "wnid", "confidence", "n_votes", "n_yes", "method"]).take(pa.array(rows[sel]))
     out = out.append_column("split", pa.array(SPLITS, pa.string()).take(pa.array(lab_split[sel])))
     out = out.append_column("is_primary", pa.array(is_primary[sel]))
     out_labels = validate("release_labels", out)
@@ -494,16 +503,17 @@ def _put_data_file(store: Store, prefix: str, name: str, table: pa.Table, rows: 
 class _Publisher:
     """Writes a release's data files and collects their manifest entries.
 
-    Local store: each table is encoded into a hidden temp file by the caller; hashing it (sha256), fsync and
-    the link to its content name then run on one background thread while the caller prepares the next
-    table (sha256 and fsync release the GIL). A file gets its final name only once it is durable, and
-    `entries()` waits for all of them, so the manifest, written after it, still comes last.
+    Local store with background=True: each `put` returns at once, and one worker thread encodes the tables
+    into hidden temp files in the order they were put, hashes them (sha256), fsyncs them and links each to
+    its content name, while the caller reads and filters the next table (Parquet encoding, sha256 and
+    fsync all release the GIL). A file gets its final name only once it is durable, and `entries()` waits
+    for all of them (re-raising any error), so the manifest, written after it, still comes last.
     """
 
     def __init__(self, store: Store, prefix: str, *, background: bool = True):
         self.store, self.prefix = store, prefix
         self.local = isinstance(store, LocalStore)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="release-finish") if self.local and background else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="release-write") if self.local and background else None
         self._pending: dict[str, Any] = {}
 
     def __enter__(self) -> _Publisher:
@@ -511,28 +521,24 @@ class _Publisher:
 
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True)  # a failed build still removes its temp files
+            self._pool.shutdown(wait=True, cancel_futures=True)  # a failed build still removes its temp files
 
     def put(self, name: str, table: pa.Table, rows: np.ndarray | None = None) -> None:
-        table = validate(RELEASE_TABLES[name], table)
-        facts = {"schema": RELEASE_TABLES[name], "schema_version": schema_version(RELEASE_TABLES[name])}
-        n_rows = table.num_rows if rows is None else len(rows)
-        if not self.local:
-            self._pending[name] = {**_put_remote_file(self.store, self.prefix, name, table, rows), **facts}
-            return
-        tmp = _write_local_tmp(self.store, self.prefix, table, rows)
+        table = validate(RELEASE_TABLES[name], table)  # in the caller: a schema error surfaces where it happens
         if self._pool is None:
-            self._pending[name] = {**_finish_local_file(self.store, self.prefix, name, tmp), "rows": n_rows, **facts}
+            self._pending[name] = self._write(name, table, rows)
         else:
-            self._pending[name] = (self._pool.submit(_finish_local_file, self.store, self.prefix, name, tmp),
-                                   {"rows": n_rows, **facts})
+            self._pending[name] = self._pool.submit(self._write, name, table, rows)
+
+    def _write(self, name: str, table: pa.Table, rows: np.ndarray | None) -> dict[str, Any]:
+        facts = {"schema": RELEASE_TABLES[name], "schema_version": schema_version(RELEASE_TABLES[name])}
+        if not self.local:
+            return {**_put_remote_file(self.store, self.prefix, name, table, rows), **facts}
+        return {**_put_local_file(self.store, self.prefix, name, table, rows), **facts}
 
     def entries(self) -> dict[str, dict[str, Any]]:
         """Manifest entries of every file put, once each is durable under its content name."""
-        out = {}
-        for name, pending in self._pending.items():
-            out[name] = {**pending[0].result(), **pending[1]} if isinstance(pending, tuple) else pending
-        return out
+        return {name: p.result() if isinstance(p, Future) else p for name, p in self._pending.items()}
 
 
 def _put_remote_file(store: Store, prefix: str, name: str, table: pa.Table, rows: np.ndarray | None
@@ -580,7 +586,7 @@ def _finish_local_file(store: LocalStore, prefix: str, name: str, tmp: str) -> d
     """Hash and fsync a written temp file, link it to its content name (exclusive, atomic), remove the temp.
 
     Hashing reads the file back from the page cache: measured no slower than hashing inside the Parquet
-    writer's write calls (Python callbacks), and it keeps the encoder in C++ only."""
+    writer's write calls (a Python callback per page), and it keeps the encoder in C++ only."""
     try:
         h = hashlib.sha256()
         with open(tmp, "rb") as fh:
@@ -606,7 +612,7 @@ def _read_input(store: Store, name: str, columns: list[str] | None = None, *, ha
     the table's file, opened once for several reads (they then see the same rows even if the table is
     replaced in between)."""
     if source is None and isinstance(store, LocalStore) and store.exists(f"tables/{name}.parquet"):
-        source = pa.memory_map(str(store.path(f"tables/{name}.parquet")))
+        source = pa.OSFile(str(store.path(f"tables/{name}.parquet")))
     if source is not None:
         if columns is not None:
             return pq.read_table(source, columns=columns)
@@ -622,7 +628,7 @@ def _read_input(store: Store, name: str, columns: list[str] | None = None, *, ha
 
 def _input_file(store: Store, name: str) -> pa.NativeFile | None:
     if isinstance(store, LocalStore) and store.exists(f"tables/{name}.parquet"):
-        return pa.memory_map(str(store.path(f"tables/{name}.parquet")))
+        return pa.OSFile(str(store.path(f"tables/{name}.parquet")))  # not mmap: mapped pages count as RSS
     return None
 
 
@@ -634,6 +640,16 @@ def parent_splits(store: Store, parent: str) -> pd.DataFrame:
     labels = read_release_table(store, parent, "labels")
     primary = labels.filter(labels["is_primary"]).select(["image_id", "split"])
     return pd.DataFrame({"image_id": _col(primary, "image_id"), "split": _col(primary, "split")})
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed by the previous stage back to the OS before the next big table is read: glibc keeps
+    freed numpy temporaries in its heap and arenas (measured: peak RSS 1.31 GB -> 1.12 GB at 1.3M images)."""
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _build_files(
@@ -662,13 +678,15 @@ def _build_files(
     narrow = _read_input(store, "images", cols, source=images_file)
     plan = plan_release(synsets, narrow, _read_input(store, "labels"), policy, parent_df, neardup=neardup,
                         cross_duplicates=cross_duplicates)
-    pub.put("labels", plan.labels)
+    pub.put("labels", plan.labels)  # written in the background while boxes are read and filtered
     plan.labels = None
+    _return_freed_memory()
     boxes, not_accepted = select_boxes(_read_input(store, "boxes"), plan)
     pub.put("boxes", boxes)
     classes = class_counts(plan, boxes)
     del boxes
     plan.image_ids = plan.image_keys = plan.primary_class = plan.other_pairs = None  # only image_rows is needed now
+    _return_freed_memory()
     images = _read_input(store, "images", have=narrow, source=images_file)  # the plan's columns are not re-read
     del narrow, images_file
     pub.put("images", images, rows=plan.image_rows)

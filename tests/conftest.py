@@ -119,3 +119,20 @@ def browser():
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_until(fn, timeout: float = 120.0, what: str = "condition"):
+    """Poll fn() until it returns something truthy (pages render asynchronously); fail saying what never came."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            value = fn()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - the page is still rendering
+            last = exc
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last})")

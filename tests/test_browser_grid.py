@@ -6,11 +6,11 @@ a no for every other image, under that annotator's pseudonym."""
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import wait_until as _wait
 from fixtures_labelstudio import SYNSETS, labelstudio, make_images, write_synsets  # noqa: F401
 
 from crowd.provision import image_dir_of, provision
@@ -21,20 +21,6 @@ from crowd.simulate import ensure_user
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 N_IMAGES = 12
-
-
-def _wait(fn, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            value = fn()
-            if value:
-                return value
-        except Exception as exc:  # noqa: BLE001 - the page is still rendering
-            last = exc
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what} (last error: {last})")
 
 
 def _grid_images(driver) -> list[int]:

@@ -119,7 +119,7 @@ def _random_detection_problem(seed: int, n_images: int = 40, n_classes: int = 4)
 
 
 def _pycocotools_ap(gt: pd.DataFrame, dets: pd.DataFrame) -> dict[int, float]:
-    pytest.importorskip("pycocotools")
+    import pycocotools  # noqa: F401  (a test dependency in the lock; fail loudly if missing)
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 

@@ -181,7 +181,7 @@ def test_second_release_keeps_splits_of_the_first(local):
 
 
 def test_near_duplicates_of_val_test_images_are_dropped_from_train(tmp_path):
-    neardup = pytest.importorskip("pipeline.ingest.neardup")
+    import pipeline.ingest.neardup as neardup
     store = LocalStore(tmp_path / "s")
     fx = make_fixture(store, n_classes=3, per_class=10, near_dups_per_class=4, seed=11)
     m = build_release(store, "v1", val_per_class=3, test_per_class=2, cross_duplicates=neardup.cross_duplicates)

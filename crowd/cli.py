@@ -14,6 +14,7 @@ import pandas as pd
 
 from crowd.client import CrowdClient, CrowdError
 from crowd.kinds import KINDS
+from pipeline.store import store_from_settings
 
 
 def _user_error(msg: str) -> Exception:
@@ -31,12 +32,6 @@ def admin_client(settings: Any) -> CrowdClient:
         raise _user_error("crowd.token is not set: export SYNSETFORGE__CROWD__TOKEN (an admin API token; "
                           "`synsetforge crowd serve` writes one to <data dir>/admin-token)")
     return CrowdClient(cs.url, cs.token.get_secret_value(), retries=cs.retries)
-
-
-def _store(settings: Any):
-    from pipeline.store import store_from_settings
-
-    return store_from_settings(settings)
 
 
 def _read_plan(path: str | None) -> pd.DataFrame | None:
@@ -67,7 +62,7 @@ def cmd_push(args: argparse.Namespace, settings: Any) -> int:
     from crowd.push import PlanError, push
 
     client = admin_client(settings)
-    store = _store(settings)
+    store = store_from_settings(settings)
     plan = _read_plan(args.plan)
     try:
         pid = provision(client, settings, kinds=[args.kind], overlap=args.overlap, image_dir=image_dir_of(store))[args.kind]
@@ -86,7 +81,7 @@ def cmd_pull(args: argparse.Namespace, settings: Any) -> int:
     client = admin_client(settings)
     try:
         ids = project_ids(client, settings, args.kind)
-        out = pull(_store(settings), client, settings, project_ids=ids)
+        out = pull(store_from_settings(settings), client, settings, project_ids=ids)
     except (PseudonymKeyMissing, CrowdError) as exc:
         raise _user_error(str(exc)) from None
     print(f"pulled {out['new_votes']} new vote(s), quarantined {out['quarantined']}, total {out['total_votes']}")
@@ -96,7 +91,7 @@ def cmd_pull(args: argparse.Namespace, settings: Any) -> int:
 def cmd_status(args: argparse.Namespace, settings: Any) -> int:
     from crowd.status import status
 
-    store = _store(settings)
+    store = store_from_settings(settings)
     client = admin_client(settings) if settings.crowd.url and settings.crowd.token else None
     try:
         ids = project_ids(client, settings, list(KINDS)) if client else []

@@ -170,15 +170,14 @@ def work(
     seed: int = 0,
     max_tasks_per_worker: int | None = None,
     difficulty: Mapping[str, str] | None = None,
-    skip: set[str] | None = None,
 ) -> dict[str, int]:
     """Annotators take turns (one task each per round, as people working side by side) until none has work.
 
     truth: (image_id, wnid) -> answer. difficulty: wnid -> difficulty class for accuracy_by_difficulty.
-    skip: emails of flagged workers routing no longer gives tasks to. Returns annotations per email.
+    Returns annotations per email. Routing away from flagged workers is the caller's (see `routable`).
     """
     done = {a.email: 0 for a in annotators}
-    active = [a for a in annotators if not skip or a.email not in skip]
+    active = list(annotators)
     while active:
         still = []
         for a in active:

@@ -57,17 +57,12 @@ def synsetforge_crowd():
 
     @task
     def aggregate(pulled: dict, params=None) -> dict:
-        try:
-            from pipeline.qc.stage import run_qc
-        except ImportError:  # QC stage not part of this build: push uses an existing push_plan table
-            return {"qc": "not available"}
+        from pipeline.qc.stage import run_qc
+        from pipeline.store import store_from_settings
+
+        # run_qc seeds the plan with ingested pairs not voted on yet (image_links, near copies left out)
         settings = _settings(params)
-        _, store = _client_and_store(settings)
-        pairs = None
-        if store.has_table("image_links"):  # candidate pairs not voted on yet seed the plan; near duplicates are not
-            links = store.read_table("image_links").to_pandas()
-            pairs = links.loc[links["near_duplicate_of"].isna(), ["image_id", "wnid"]]
-        summary = run_qc(store, settings, pairs=pairs)
+        summary = run_qc(store_from_settings(settings), settings)
         return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
 
     @task(outlets=[TASKS])

@@ -66,14 +66,11 @@ def synsetforge_release():
     @task
     def report(version: str, params=None) -> dict:
         from pipeline.dagtools import settings_from_params
-        from pipeline.release.report import build_report
+        from pipeline.release.report import build_report_from_settings
         from pipeline.store import store_from_settings
 
         settings = settings_from_params(params, "release", [])
-        store = store_from_settings(settings)
-        rs = settings.release
-        return build_report(store, version, thumbs_per_class=rs.report_thumbs_per_class,
-                            max_thumb_classes=rs.report_max_thumb_classes)
+        return build_report_from_settings(store_from_settings(settings), version, settings.release)
 
     report(verify(build()))
 

@@ -36,6 +36,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.schemas import empty_table
+from pipeline.store import store_from_settings
 
 KINDS = ("draw", "quality", "coverage")
 TERMINAL = ("done", "capped", "gave_up")
@@ -572,12 +573,6 @@ def run_plan(store: Any, policy: BoxesSettings | None = None, pairs: pd.DataFram
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def _open(settings: Any) -> Any:
-    from pipeline.store import store_from_settings
-
-    return store_from_settings(settings)
-
-
 def _user_errors(fn: Callable[[Any, Any], int]) -> Callable[[Any, Any], int]:
     """Errors the user can act on (bad tables, Label Studio unreachable, missing secrets) print without a traceback."""
 
@@ -597,7 +592,7 @@ def _user_errors(fn: Callable[[Any, Any], int]) -> Callable[[Any, Any], int]:
 
 
 def _cmd_status(args: Any, settings: Any) -> int:
-    store = _open(settings)
+    store = store_from_settings(settings)
     coverage = store.read_table("coverage", missing_ok=True).to_pandas()
     boxes = store.read_table("boxes", missing_ok=True).to_pandas()
     summary = summarize(coverage, boxes)
@@ -621,7 +616,7 @@ def _cmd_status(args: Any, settings: Any) -> int:
 
 
 def _cmd_plan(args: Any, settings: Any) -> int:
-    store = _open(settings)
+    store = store_from_settings(settings)
     result = run_plan(store, box_settings(settings))
     s = summarize(result.coverage, result.boxes)
     counts = result.actions["kind"].value_counts().to_dict() if len(result.actions) else {}
@@ -633,7 +628,7 @@ def _cmd_plan(args: Any, settings: Any) -> int:
 def _cmd_sync(args: Any, settings: Any) -> int:
     from crowd.boxes import sync  # the Label Studio client is imported only when asked for
 
-    summary = sync(_open(settings), settings, steps=args.steps)
+    summary = sync(store_from_settings(settings), settings, steps=args.steps)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

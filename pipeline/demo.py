@@ -9,7 +9,6 @@ working through its API, QC, the box loop, a release with its report, and an eva
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from pydantic import SecretStr
 
 from pipeline.config import Settings, load_settings
 from pipeline.store import LocalStore, open_store
@@ -127,9 +127,6 @@ def run_crowd_verification(settings: Settings, store: LocalStore, truth: dict[st
     server = start_labelstudio(workdir / "label-studio", files_root=Path(store.root))
     try:
         settings.crowd.url = server.url
-        os.environ["SYNSETFORGE__CROWD__URL"] = server.url
-        from pydantic import SecretStr
-
         settings.crowd.token = SecretStr(server.token)
         settings.crowd.pseudonym_key = SecretStr("demo-pseudonym-key")
         settings.crowd.files_root = str(store.root)

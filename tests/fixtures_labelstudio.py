@@ -139,3 +139,29 @@ def labelstudio(artifacts_dir):
         server.stop()
         assert server.service is None or server.service.process.poll() is not None
         shutil.rmtree(base, ignore_errors=True)
+
+
+def browser_login(driver, url: str, email: str, password: str) -> None:
+    """Log in through Label Studio's form, as an annotator would, and wait until the login page is left."""
+    from conftest import wait_until
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{url}/user/login/")
+    driver.find_element(By.NAME, "email").send_keys(email)
+    driver.find_element(By.NAME, "password").send_keys(password)
+    driver.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
+    wait_until(lambda: "/user/login" not in driver.current_url, 60, "login")
+
+
+def crash_before_tasks_write(monkeypatch) -> None:
+    """Make push die right after the import call and before the `tasks` table write (KeyboardInterrupt)."""
+    from crowd import push as push_mod
+
+    real_append = push_mod._append
+
+    def crash(store_, name, old, new, key):
+        if name == "tasks":
+            raise KeyboardInterrupt("simulated crash between the import call and the table write")
+        return real_append(store_, name, old, new, key)
+
+    monkeypatch.setattr(push_mod, "_append", crash)

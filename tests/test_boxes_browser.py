@@ -12,7 +12,7 @@ import shutil
 import time
 
 import pytest
-from fixtures_labelstudio import ROOT, labelstudio  # noqa: F401
+from fixtures_labelstudio import ROOT, browser_login, labelstudio  # noqa: F401
 
 from crowd.boxes import provision_boxes, sync, work_boxes
 from crowd.simulate import Profile
@@ -36,16 +36,6 @@ def wait_for(driver, script: str, timeout: float = 90.0, what: str = ""):
             return last
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what or script}: last {last!r}")
-
-
-def login(driver, url: str, email: str, password: str) -> None:
-    from selenium.webdriver.common.by import By
-
-    driver.get(f"{url}/user/login/")
-    driver.find_element(By.NAME, "email").send_keys(email)
-    driver.find_element(By.NAME, "password").send_keys(password)
-    driver.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
-    wait_for(driver, "return !location.pathname.startsWith('/user/login')", 60, "login")
 
 
 ANNOTATION = "return window.Htx && Htx.annotationStore && Htx.annotationStore.selected"
@@ -109,7 +99,7 @@ def test_annotator_draws_verifies_and_checks_coverage_in_chromium(labelstudio, b
     assert cov is not None
 
     (person,) = labelstudio.annotators([Profile()], prefix="browser")
-    login(browser, labelstudio.url, person.email, person.password)
+    browser_login(browser, labelstudio.url, person.email, person.password)
 
     # ---- drawing task: one accepted box shown read-only, drag a new one
     open_stream(browser, labelstudio.url, projects["draw"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import wait_until as _wait
-from fixtures_labelstudio import SYNSETS, labelstudio, make_images, write_synsets  # noqa: F401
+from fixtures_labelstudio import SYNSETS, browser_login, labelstudio, make_images, write_synsets  # noqa: F401
 
 from crowd.provision import image_dir_of, provision
 from crowd.pull import pseudonym, pull
@@ -56,11 +56,7 @@ def test_annotator_verifies_in_chromium(labelstudio, browser, artifacts_dir):  #
     email, password = "annotator-browser@synsetforge.local", "verify-pass-2026"
     ensure_user(admin, email, password)
     d = browser
-    d.get(f"{labelstudio.url}/user/login/")
-    d.find_element(By.NAME, "email").send_keys(email)
-    d.find_element(By.NAME, "password").send_keys(password)
-    d.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    _wait(lambda: "/user/login" not in d.current_url, what="login")
+    browser_login(d, labelstudio.url, email, password)
 
     d.get(f"{labelstudio.url}/projects/{pid}/data?labeling=1")
     width = _wait(lambda: _image_loaded(d), what="task image to load")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import wait_until as _wait
-from fixtures_labelstudio import SYNSETS, labelstudio, make_images, write_synsets  # noqa: F401
+from fixtures_labelstudio import SYNSETS, browser_login, labelstudio, make_images, write_synsets  # noqa: F401
 
 from crowd.provision import image_dir_of, provision
 from crowd.pull import pseudonym, pull
@@ -48,11 +48,7 @@ def test_annotator_ticks_two_grid_images_in_chromium(labelstudio, browser, artif
     email, password = "annotator-grid@synsetforge.local", "grid-pass-2026"
     ensure_user(admin, email, password)
     d = browser
-    d.get(f"{labelstudio.url}/user/login/")
-    d.find_element(By.NAME, "email").send_keys(email)
-    d.find_element(By.NAME, "password").send_keys(password)
-    d.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    _wait(lambda: "/user/login" not in d.current_url, what="login")
+    browser_login(d, labelstudio.url, email, password)
 
     d.get(f"{labelstudio.url}/projects/{pid}/data?labeling=1")
     widths = _wait(lambda: (w := _grid_images(d)) and len(w) == N_IMAGES and all(w) and w, what="all grid images to load")

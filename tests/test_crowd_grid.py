@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 import pandas as pd
 import pytest
-from fixtures_labelstudio import labelstudio, make_images, write_synsets  # noqa: F401
+from fixtures_labelstudio import crash_before_tasks_write, labelstudio, make_images, write_synsets  # noqa: F401
 
 from crowd import push as push_mod
 from crowd.gold import worker_gold
@@ -235,17 +235,10 @@ def test_real_server_grid_push_crash_after_import_is_adopted_not_pushed_again(la
     from crowd.push import push, server_tasks
 
     store, settings, client, pid, plan, _ = _grid_setup(labelstudio, 10, 2, 2, grid_size=8, seed=902)
-    real_append = push_mod._append
-
-    def crash(store_, name, old, new, key):
-        if name == "tasks":
-            raise KeyboardInterrupt("simulated crash between the import call and the table write")
-        return real_append(store_, name, old, new, key)
-
-    monkeypatch.setattr(push_mod, "_append", crash)
+    crash_before_tasks_write(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         push(store, client, settings, project_id=pid, kind="grid", plan=plan)
-    monkeypatch.setattr(push_mod, "_append", real_append)
+    monkeypatch.undo()
     n_server = len(server_tasks(client, pid))
     assert n_server >= 1 and not store.has_table("tasks")
     out = push(store, client, settings, project_id=pid, kind="grid", plan=plan)

@@ -6,7 +6,7 @@ import logging
 
 import pandas as pd
 import pytest
-from fixtures_labelstudio import labelstudio, make_images, write_synsets  # noqa: F401
+from fixtures_labelstudio import crash_before_tasks_write, labelstudio, make_images, write_synsets  # noqa: F401
 
 from crowd import push as push_mod
 from crowd.client import CrowdError
@@ -86,17 +86,10 @@ def test_push_50_tasks_overlap_3_three_workers_pull_150_votes(labelstudio, caplo
 
 def test_crash_after_import_before_table_write_is_reconciled(labelstudio, monkeypatch):  # noqa: F811
     store, settings, client, pid, plan, _ = _setup(labelstudio, 6, 0, gold_rate=0.0)
-    real_append = push_mod._append
-
-    def crash(store_, name, old, new, key):
-        if name == "tasks":
-            raise KeyboardInterrupt("simulated crash between the import call and the table write")
-        return real_append(store_, name, old, new, key)
-
-    monkeypatch.setattr(push_mod, "_append", crash)
+    crash_before_tasks_write(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         push(store, client, settings, project_id=pid, plan=plan)
-    monkeypatch.setattr(push_mod, "_append", real_append)
+    monkeypatch.undo()
     assert not store.has_table("tasks") and len(server_tasks(client, pid)) == 6
     out = push(store, client, settings, project_id=pid, plan=plan)
     assert out["adopted"] == 6 and out["pushed"] == 0

@@ -7,12 +7,7 @@ import json
 from typing import Any
 
 from pipeline.config import Settings
-
-
-def _store(settings: Settings) -> Any:
-    from pipeline.store import store_from_settings
-
-    return store_from_settings(settings)
+from pipeline.store import store_from_settings
 
 
 def _user_errors(fn: Any) -> Any:
@@ -39,10 +34,10 @@ def _user_errors(fn: Any) -> Any:
 @_user_errors
 def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.release.build import build_release
-    from pipeline.release.report import build_report
+    from pipeline.release.report import build_report_from_settings
 
     rs = settings.release
-    store = _store(settings)
+    store = store_from_settings(settings)
     m = build_release(
         store, args.version, parent=args.parent,
         val_per_class=rs.val_per_class if args.val_per_class is None else args.val_per_class,
@@ -52,8 +47,7 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
     print(f"release {m['version']} built in {store.url}: " + ", ".join(f"{k} {v}" for k, v in m["splits"].items())
           + f"; {m['neardup_dropped']} train near-duplicates dropped")
     if not args.no_report:
-        keys = build_report(store, args.version, thumbs_per_class=rs.report_thumbs_per_class,
-                            max_thumb_classes=rs.report_max_thumb_classes)
+        keys = build_report_from_settings(store, args.version, rs)
         print(f"report: {store.url}/{keys['report']}")
     return 0
 
@@ -62,7 +56,7 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.release.manifest import verify_release
 
-    res = verify_release(_store(settings), args.version)
+    res = verify_release(store_from_settings(settings), args.version)
     for p in res.problems:
         print(f"FAIL {p}")
     print(f"release {args.version}: {res.checked} files re-hashed, " + ("OK" if res.ok else f"{len(res.problems)} problems"))
@@ -73,7 +67,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.release.diff import diff_releases
 
-    d = diff_releases(_store(settings), args.a, args.b)
+    d = diff_releases(store_from_settings(settings), args.a, args.b)
     if args.json:
         print(json.dumps(d.to_dict("index"), indent=1))
     else:
@@ -88,7 +82,7 @@ def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.release.export import export_devkit, export_parquet
 
-    store = _store(settings)
+    store = store_from_settings(settings)
     if args.format == "devkit":
         counts = export_devkit(store, args.version, args.out, images=not args.no_images)
         print(f"devkit layout of {args.version} in {args.out}: {counts}")
@@ -103,19 +97,17 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.release.export import publish_release
 
-    res = publish_release(_store(settings), args.version, args.to, endpoint_url=args.endpoint_url)
+    res = publish_release(store_from_settings(settings), args.version, args.to, endpoint_url=args.endpoint_url)
     print(f"release {args.version} published to {res['target']}: {res['copied']} of {res['files']} files copied")
     return 0
 
 
 @_user_errors
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.release.report import build_report
+    from pipeline.release.report import build_report_from_settings
 
-    rs = settings.release
-    store = _store(settings)
-    keys = build_report(store, args.version, thumbs_per_class=rs.report_thumbs_per_class,
-                        max_thumb_classes=rs.report_max_thumb_classes)
+    store = store_from_settings(settings)
+    keys = build_report_from_settings(store, args.version, settings.release)
     print(f"{store.url}/{keys['report']}\n{store.url}/{keys['card']}")
     return 0
 
@@ -124,7 +116,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.release.manifest import list_releases, read_manifest
 
-    store = _store(settings)
+    store = store_from_settings(settings)
     for v in list_releases(store):
         m = read_manifest(store, v)
         print(f"{v}\t{m['created_at']}\tparent={m['parent'] or '-'}\t" + " ".join(f"{k}={n}" for k, n in m["splits"].items()))

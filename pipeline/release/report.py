@@ -354,3 +354,9 @@ def build_report(store: Store, version: str, *, thumbs_per_class: int = 8, max_t
     _put_idempotent(store, keys["report"], render_html(data).encode())
     _put_idempotent(store, keys["card"], render_card(data).encode())
     return keys
+
+
+def build_report_from_settings(store: Store, version: str, release_settings: Any) -> dict[str, str]:
+    """build_report with the thumbnail limits of the configuration's release section (CLI and DAG share it)."""
+    return build_report(store, version, thumbs_per_class=release_settings.report_thumbs_per_class,
+                        max_thumb_classes=release_settings.report_max_thumb_classes)

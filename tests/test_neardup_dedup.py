@@ -44,3 +44,19 @@ def test_multi_synset_flags_near_copies(images: pd.DataFrame) -> None:
 def test_bad_links_input_names_columns() -> None:
     with pytest.raises(ValueError, match="links: missing columns \\['wnid'\\]"):
         multi_synset_images(pd.DataFrame({"image_id": ["a"]}))
+
+
+def test_precomputed_groups_give_the_same_answers(images: pd.DataFrame, monkeypatch) -> None:
+    """The ingest stage searches once and hands the groups to both functions; they must not search again."""
+    import pipeline.ingest.dedup as dedup
+
+    links = pd.DataFrame({"image_id": ["a", "a_small", "b", "b_crop", "c"], "wnid": ["n1", "n1", "n1", "n2", "n2"]})
+    groups = near_duplicate_groups(images)
+    expected = (dedup_within_synset(links, images), multi_synset_images(links, images))
+
+    def no_second_search(*_a, **_k):
+        raise AssertionError("near_duplicate_groups called although groups were given")
+
+    monkeypatch.setattr(dedup, "near_duplicate_groups", no_second_search)
+    pd.testing.assert_frame_equal(dedup_within_synset(links, images, groups=groups), expected[0])
+    pd.testing.assert_frame_equal(multi_synset_images(links, images, groups=groups), expected[1])

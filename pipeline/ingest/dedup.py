@@ -72,13 +72,16 @@ def near_duplicate_groups(images: Any, radius: int = DEFAULT_RADIUS,
 
 
 def dedup_within_synset(links: Any, images: Any, radius: int = DEFAULT_RADIUS,
-                        max_thumb_dist: float = DEFAULT_MAX_THUMB_DIST) -> pd.DataFrame:
+                        max_thumb_dist: float = DEFAULT_MAX_THUMB_DIST, *, groups: pd.DataFrame | None = None
+                        ) -> pd.DataFrame:
     """Per synset, near-duplicate images after the first of their group: DataFrame[wnid, image_id, duplicate_of].
 
     Keep the group's smallest image_id in that synset; the rows returned are the ones to mark as duplicates.
+    `groups`: near_duplicate_groups(images) when the caller already has it (the search is the costly part).
     """
     lk = _df(links, "links", ["image_id", "wnid"])[["image_id", "wnid"]].drop_duplicates()
-    groups = near_duplicate_groups(images, radius, max_thumb_dist)
+    if groups is None:
+        groups = near_duplicate_groups(images, radius, max_thumb_dist)
     m = lk.merge(groups, on="image_id", how="left")
     m["group_id"] = m["group_id"].fillna(m["image_id"])
     m = m.sort_values(["wnid", "group_id", "image_id"])
@@ -88,15 +91,18 @@ def dedup_within_synset(links: Any, images: Any, radius: int = DEFAULT_RADIUS,
 
 
 def multi_synset_images(links: Any, images: Any | None = None, radius: int = DEFAULT_RADIUS,
-                        max_thumb_dist: float = DEFAULT_MAX_THUMB_DIST) -> pd.DataFrame:
+                        max_thumb_dist: float = DEFAULT_MAX_THUMB_DIST, *, groups: pd.DataFrame | None = None
+                        ) -> pd.DataFrame:
     """Images that are candidates for several synsets: DataFrame[image_id, wnids, n_synsets].
 
     With `images`, near-duplicates count as the same image (a resized copy found for another synset is flagged
-    too): every member of a group is listed with the union of the group's synsets.
+    too): every member of a group is listed with the union of the group's synsets. `groups` as in
+    dedup_within_synset.
     """
     lk = _df(links, "links", ["image_id", "wnid"])[["image_id", "wnid"]].drop_duplicates()
-    if images is not None:
+    if groups is None and images is not None:
         groups = near_duplicate_groups(images, radius, max_thumb_dist)
+    if groups is not None:
         lk = lk.merge(groups, on="image_id", how="left")
         lk["group_id"] = lk["group_id"].fillna(lk["image_id"])
     else:

@@ -136,14 +136,15 @@ def _apply_near_duplicates(links: pd.DataFrame, images: pd.DataFrame) -> pd.Data
     """near_duplicate_of per synset and multi_synset through near copies, from pipeline.ingest.dedup (pure)."""
     if links.empty:
         return links
-    from pipeline.ingest import dedup  # the neardup helper's detector: hashes + thumbnail verification
+    from pipeline.ingest import dedup  # near-duplicate detector: hash search + thumbnail verification
 
     stored = images[images["status"] == "accepted"]
-    near = dedup.dedup_within_synset(links, stored)
+    groups = dedup.near_duplicate_groups(stored)  # the costly search, once for both uses below
+    near = dedup.dedup_within_synset(links, stored, groups=groups)
     links = links.drop(columns=["near_duplicate_of"]).merge(
         near.rename(columns={"duplicate_of": "near_duplicate_of"}), on=["wnid", "image_id"], how="left")
     links["near_duplicate_of"] = links["near_duplicate_of"].astype("object").where(links["near_duplicate_of"].notna(), None)
-    multi = set(dedup.multi_synset_images(links, stored)["image_id"])
+    multi = set(dedup.multi_synset_images(links, stored, groups=groups)["image_id"])
     links["multi_synset"] = links["multi_synset"] | links["image_id"].isin(multi)
     return links[LINK_COLUMNS]
 

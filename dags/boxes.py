@@ -4,12 +4,17 @@ The work is in crowd.boxes (Label Studio side) and pipeline.boxes (the pure stat
 `synsetforge boxes sync|plan|status` runs. No state lives in the DAG: each run replays the box tables, so
 the DAG can run on a schedule and a failed run is repaired by the next one. Label Studio's URL comes from
 the configuration or the `url` Param; the token and the pseudonym key only from the environment.
+
+Runs every 10 minutes and when the verification loop settles (the `labels` Asset); scheduled runs skip quietly
+on a machine with no Label Studio configured. The release that follows is started by hand (it needs a version).
 """
 
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+
+from pipeline.dagtools import CROWD_SCHEDULE, DEFAULT_ARGS, SERVER_RETRIES, fail_fast
 
 BOX_TASKS = Asset("synsetforge://tables/box_tasks")
 BOX_ANSWERS = Asset("synsetforge://tables/box_answers")
@@ -30,10 +35,12 @@ def _ctx(params):
 
 @dag(
     dag_id="synsetforge_boxes",
-    schedule=None,
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(CROWD_SCHEDULE, timezone="UTC"),
+                                 assets=Asset("synsetforge://tables/labels")),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,  # two loops at once would race on the tables
+    default_args=DEFAULT_ARGS,
     tags=["synsetforge", "boxes"],
     params={
         "store": Param(None, type=["null", "string"], description="store URL; default from configuration"),
@@ -44,14 +51,20 @@ def _ctx(params):
     doc_md=__doc__,
 )
 def synsetforge_boxes():
-    @task
-    def provision(params=None) -> dict:
+    @task(**SERVER_RETRIES)
+    @fail_fast
+    def provision(params=None, dag_run=None) -> dict:
         from crowd.boxes import provision_boxes
+        from pipeline.dagtools import settings_from_params, skip
 
+        if dag_run is not None and dag_run.run_type != "manual":
+            if settings_from_params(params, "crowd", ["url"]).crowd.url is None:
+                skip("no Label Studio configured (crowd.url); nothing to reconcile")
         settings, store, client, policy = _ctx(params)
         return provision_boxes(client, settings, store, policy)
 
-    @task(outlets=[BOX_TASKS, BOX_ANSWERS])
+    @task(outlets=[BOX_TASKS, BOX_ANSWERS], **SERVER_RETRIES)
+    @fail_fast
     def pull(projects: dict, params=None) -> dict:
         from crowd.boxes import adopt, pull_box_answers
 
@@ -60,16 +73,20 @@ def synsetforge_boxes():
         return {"pulled": pull_box_answers(store, client, settings, projects, tasks, policy), "tasks": len(tasks)}
 
     @task(outlets=[BOXES, COVERAGE])
+    @fail_fast
     def plan(pulled: dict, params=None) -> dict:
         from pipeline.boxes import run_plan, summarize
+        from pipeline.dagtools import announce
 
         settings, store, client, policy = _ctx(params)
         result = run_plan(store, policy)
+        announce(settings, BOXES, COVERAGE)
         s = summarize(result.coverage, result.boxes)
         return {k: v for k, v in s.items() if isinstance(v, (int, float, str)) or v is None} | {
             "next_tasks": len(result.actions)}
 
-    @task(outlets=[BOX_TASKS])
+    @task(outlets=[BOX_TASKS], **SERVER_RETRIES)
+    @fail_fast
     def push(planned: dict, projects: dict, params=None) -> dict:
         from crowd.boxes import push_box_tasks
         from pipeline.boxes import run_plan

@@ -5,12 +5,16 @@ shard size grows with the vocabulary, so 20k synsets stay well under Airflow's m
 mapped task writes a part; one merge task per stage folds the parts into the table, so parallel shards never
 write the same object. Wiring only; the work is in pipeline.sources.collect and pipeline.ingest.stage, the
 same code `synsetforge collect` / `synsetforge ingest` run. Every task is idempotent: rerun the DAG to resume.
+
+Started by the `synsets` Asset (a finished vocabulary run) or by hand; `images` starts the crowd loop.
 """
 
 from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
+
+from pipeline.dagtools import DEFAULT_ARGS, SERVER_RETRIES, fail_fast
 
 CANDIDATES = Asset("synsetforge://tables/candidates")
 IMAGES = Asset("synsetforge://tables/images")
@@ -34,9 +38,10 @@ def _settings(params):
 
 @dag(
     dag_id="synsetforge_collect",
-    schedule=None,
+    schedule=[Asset("synsetforge://tables/synsets")],
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    default_args=DEFAULT_ARGS,
     tags=["synsetforge"],
     max_active_tasks=4,
     params={
@@ -47,7 +52,8 @@ def _settings(params):
         "url_list": Param(None, type=["null", "string"], description="txt / csv / parquet URL list"),
         "s3_prefix": Param(None, type=["null", "string"], description="s3://bucket/prefix, one sub-prefix per wnid"),
         "wnids": Param([], type="array", description="only these synsets (default: the whole synsets table)"),
-        "shard_size": Param(50, type="integer", minimum=1, description="synsets per mapped task (raised if needed)"),
+        "shard_size": Param(None, type=["null", "integer"], minimum=1,
+                            description="synsets per mapped task (raised if needed); default collect.shard_size"),
         "concurrency": Param(None, type=["null", "integer"], minimum=1, description="downloads in flight per task"),
         "per_host": Param(None, type=["null", "integer"], minimum=1, description="downloads in flight per host"),
         "allowed_networks": Param([], type="array", description="CIDRs fetched although private (tests: 127.0.0.0/8)"),
@@ -57,21 +63,16 @@ def _settings(params):
 )
 def synsetforge_collect():
     @task
+    @fail_fast
     def plan_shards(params=None) -> list[dict]:
-        import math
+        from pipeline.sources.collect import plan_shards
 
         settings, store = _settings(params)
         wnids = store.read_table("synsets").column("wnid").to_pylist()
-        if params.get("wnids"):
-            wanted = set(params["wnids"])
-            missing = sorted(wanted - set(wnids))
-            if missing:
-                raise ValueError(f"wnids {missing[:5]} are not in the synsets table")
-            wnids = [w for w in wnids if w in wanted]
-        size = max(int(params.get("shard_size") or 50), math.ceil(len(wnids) / MAX_SHARDS))
-        return [{"shard": i // size, "wnids": wnids[i : i + size]} for i in range(0, len(wnids), size)]
+        size = params.get("shard_size") or settings.collect.shard_size
+        return plan_shards(wnids, params.get("wnids") or None, size, MAX_SHARDS)
 
-    @task(max_active_tis_per_dagrun=4)
+    @task(max_active_tis_per_dagrun=4, **SERVER_RETRIES)
     def collect_shard(shard: dict, params=None, run_id=None) -> dict:
         from pipeline.sources.collect import run_collect
 
@@ -90,14 +91,16 @@ def synsetforge_collect():
 
     @task(outlets=[CANDIDATES])
     def merge_candidates(_collected) -> dict:
+        from pipeline.dagtools import announce
         from pipeline.sources.collect import merge_collect_parts
 
         settings, store = _settings(get_current_params())
         summary = merge_collect_parts(store)
         summary["errors"] = len(summary["errors"])
+        announce(settings, CANDIDATES)
         return summary
 
-    @task(max_active_tis_per_dagrun=2)
+    @task(max_active_tis_per_dagrun=2, **SERVER_RETRIES)
     def ingest_shard(shard: dict, params=None, run_id=None) -> dict:
         from pipeline.ingest.stage import run_ingest
 
@@ -107,10 +110,13 @@ def synsetforge_collect():
 
     @task(outlets=[IMAGES])
     def merge_images(_ingested) -> dict:
+        from pipeline.dagtools import announce
         from pipeline.ingest.stage import merge_ingest
 
         settings, store = _settings(get_current_params())
-        return merge_ingest(store)
+        summary = merge_ingest(store)
+        announce(settings, IMAGES)
+        return summary
 
     shards = plan_shards()
     merged = merge_candidates(collect_shard.expand(shard=shards))

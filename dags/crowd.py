@@ -1,18 +1,25 @@
-"""Crowd reconcile loop: pull new votes -> aggregate (QC) -> push the next tasks. Wiring only; the work is in
-crowd.pull, pipeline.qc.stage and crowd.push, the same code `synsetforge crowd pull|push` and `synsetforge qc` run.
+"""Crowd reconcile loop: pull new votes -> aggregate (QC) -> push the next tasks -> settled? Wiring only; the work
+is in crowd.pull, pipeline.qc.stage and crowd.push, the same code `synsetforge crowd pull|push` and `synsetforge qc`
+run.
 
-Every step is idempotent (pull dedupes by annotation id, push by request id with a write-ahead log), so the
-DAG can run on a schedule and any failed run is repaired by the next one. The Label Studio URL comes from
-the configuration or the `url` Param; the token and the pseudonym key only from the environment.
+Runs every 10 minutes and whenever ingest publishes new images (the `images` Asset). Every step is idempotent
+(pull dedupes by annotation id, push by request id with a write-ahead log), so any failed run is repaired by the
+next one. When QC has nothing left to ask (every synset settled or out of budget) after new votes came in, the
+`settled` task publishes the `labels` Asset, which starts the box loop; otherwise it is skipped. Scheduled runs
+skip quietly on a machine with no Label Studio configured; a run started by hand fails and says what is missing.
+The Label Studio URL comes from the configuration or the `url` Param; the token and pseudonym key only from env.
 """
 
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+
+from pipeline.dagtools import CROWD_SCHEDULE, DEFAULT_ARGS, SERVER_RETRIES, fail_fast
 
 VOTES = Asset("synsetforge://tables/votes")
 TASKS = Asset("synsetforge://tables/tasks")
+LABELS = Asset("synsetforge://tables/labels")
 
 
 def _settings(params):
@@ -30,10 +37,12 @@ def _client_and_store(settings):
 
 @dag(
     dag_id="synsetforge_crowd",
-    schedule=None,
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(CROWD_SCHEDULE, timezone="UTC"),
+                                 assets=Asset("synsetforge://tables/images")),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,  # two loops at once would race on the tables
+    default_args=DEFAULT_ARGS,
     tags=["synsetforge", "crowd"],
     params={
         "store": Param(None, type=["null", "string"], description="store URL; default from configuration"),
@@ -46,16 +55,21 @@ def _client_and_store(settings):
     doc_md=__doc__,
 )
 def synsetforge_crowd():
-    @task(outlets=[VOTES])
-    def pull_votes(params=None) -> dict:
+    @task(outlets=[VOTES], **SERVER_RETRIES)
+    @fail_fast
+    def pull_votes(params=None, dag_run=None) -> dict:
         from crowd.cli import project_ids
         from crowd.pull import pull
+        from pipeline.dagtools import skip
 
         settings = _settings(params)
+        if settings.crowd.url is None and dag_run is not None and dag_run.run_type != "manual":
+            skip("no Label Studio configured (crowd.url); nothing to reconcile")
         client, store = _client_and_store(settings)
         return pull(store, client, settings, project_ids=project_ids(client, settings, [params["kind"]]))
 
     @task
+    @fail_fast
     def aggregate(pulled: dict, params=None) -> dict:
         from pipeline.qc.stage import run_qc
         from pipeline.store import store_from_settings
@@ -65,7 +79,8 @@ def synsetforge_crowd():
         summary = run_qc(store_from_settings(settings), settings)
         return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
 
-    @task(outlets=[TASKS])
+    @task(outlets=[TASKS], **SERVER_RETRIES)
+    @fail_fast
     def push_tasks(aggregated: dict, params=None) -> dict:
         from crowd.provision import ensure_bucket_cors, image_dir_of, provision
         from crowd.push import push
@@ -80,7 +95,20 @@ def synsetforge_crowd():
         out = push(store, client, settings, project_id=pid, kind=kind)
         return {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
 
-    push_tasks(aggregate(pull_votes()))
+    @task(outlets=[LABELS])
+    def settled(pulled: dict, aggregated: dict, pushed: dict, params=None) -> dict:
+        from pipeline.dagtools import announce, skip
+
+        if aggregated.get("push_pairs", 1) > 0:
+            skip(f"{aggregated.get('push_pairs')} pairs still need votes")
+        if not pulled.get("new_votes"):
+            skip("settled, and no new votes since the last run: labels unchanged")
+        announce(_settings(params), LABELS)
+        return {"accepted": aggregated.get("accepted"), "rejected": aggregated.get("rejected")}
+
+    pulled = pull_votes()
+    aggregated = aggregate(pulled)
+    settled(pulled, aggregated, push_tasks(aggregated))
 
 
 synsetforge_crowd()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
+from pipeline.dagtools import DEFAULT_ARGS, fail_fast
+
 RELEASES = Asset("synsetforge://releases")
 _FIELDS = ["val_per_class", "test_per_class", "neardup_check"]
 
@@ -18,6 +20,7 @@ _FIELDS = ["val_per_class", "test_per_class", "neardup_check"]
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    default_args=DEFAULT_ARGS,
     tags=["synsetforge"],
     params={
         "version": Param(type="string", minLength=1, maxLength=64, pattern="^[A-Za-z0-9][A-Za-z0-9._-]*$",
@@ -32,6 +35,7 @@ _FIELDS = ["val_per_class", "test_per_class", "neardup_check"]
 )
 def synsetforge_release():
     @task(outlets=[RELEASES])
+    @fail_fast
     def build(params=None) -> str:
         from pipeline.dagtools import settings_from_params
         from pipeline.release.build import build_release
@@ -52,6 +56,7 @@ def synsetforge_release():
         return version
 
     @task
+    @fail_fast
     def verify(version: str, params=None) -> str:
         from pipeline.dagtools import settings_from_params
         from pipeline.release.manifest import verify_release
@@ -64,6 +69,7 @@ def synsetforge_release():
         return version
 
     @task
+    @fail_fast
     def report(version: str, params=None) -> dict:
         from pipeline.dagtools import settings_from_params
         from pipeline.release.report import build_report_from_settings

@@ -1,10 +1,13 @@
 """Vocabulary DAG: select WordNet synsets and write the `synsets` table. Wiring only; the work is in
-pipeline.vocabulary, the same code `synsetforge vocab` runs."""
+pipeline.vocabulary, the same code `synsetforge vocab` runs. The first DAG of the chain: its `synsets` Asset
+starts synsetforge_collect, carrying this run's store along."""
 
 from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
+
+from pipeline.dagtools import DEFAULT_ARGS, fail_fast
 
 SYNSETS = Asset("synsetforge://tables/synsets")
 
@@ -14,6 +17,7 @@ SYNSETS = Asset("synsetforge://tables/synsets")
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    default_args=DEFAULT_ARGS,
     tags=["synsetforge"],
     params={
         "roots": Param([], type="array", description="root wnids or synset names, e.g. n02084071"),
@@ -27,15 +31,16 @@ SYNSETS = Asset("synsetforge://tables/synsets")
 )
 def synsetforge_vocabulary():
     @task(outlets=[SYNSETS])
+    @fail_fast
     def build_vocabulary(params=None) -> dict:
-        from pipeline.dagtools import settings_from_params
+        from pipeline.dagtools import announce, settings_from_params
         from pipeline.store import store_from_settings
         from pipeline.vocabulary import run_vocabulary
 
         settings = settings_from_params(params, "vocabulary", ["roots", "max_depth", "leaves_only", "wnid_file", "exclude"])
-        store = store_from_settings(settings)
-        summary = run_vocabulary(settings, store)
+        summary = run_vocabulary(settings, store_from_settings(settings))
         summary.pop("depth_range", None)
+        announce(settings, SYNSETS)
         return summary
 
     build_vocabulary()

@@ -68,6 +68,7 @@ class CollectSettings(Section):
     local_dir: str | None = Field(None, description="folder with one sub-folder of images per wnid")
     s3_prefix: str | None = Field(None, description="s3://bucket/prefix with one sub-prefix of images per wnid")
     user_agent: str = Field("synsetforge/0.1 (dataset builder)", description="sent to search APIs")
+    shard_size: int = Field(50, ge=1, description="synsets per mapped collect/ingest task of the collect DAG")
 
 
 class IngestSettings(Section):

@@ -1,24 +1,96 @@
-"""Small helpers the DAG files share, kept here so DAG files stay wiring only (and free of Airflow imports here)."""
+"""Small helpers the DAG files share, kept here so DAG files stay wiring only (Airflow is imported lazily)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 from pipeline.config import Settings, load_settings
+
+# Every task: retried with exponential backoff (30 s, 60 s, ...), so a server that went away or a killed worker
+# costs a retry, not a failed run. Stages are idempotent, so a retry finishes what the failed attempt began.
+DEFAULT_ARGS: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+# Tasks that talk to Label Studio or search APIs get more attempts: those outages are the common case.
+SERVER_RETRIES: dict[str, Any] = {"retries": 4}
+CROWD_SCHEDULE = "*/10 * * * *"  # the reconcile loops look for new answers this often (and on their Asset)
 
 
 def settings_from_params(params: Mapping[str, Any] | None, section: str, names: Sequence[str]) -> Settings:
     """Load the configuration and lay the DAG run's Params over it: `store` and the named fields of `section`.
 
     A Param left at None (or an empty list) keeps the configured value, so a DAG run only overrides what the
-    data engineer actually set in the trigger form.
+    data engineer actually set in the trigger form. A run started by an Asset gets no Params from the run that
+    triggered it, so it follows that run's store (carried in the asset event) unless its own Param says otherwise.
     """
     params = dict(params or {})
     overrides: dict[str, dict[str, Any]] = {}
-    if params.get("store"):
-        overrides["store"] = {"url": params["store"]}
+    store = params.get("store") or upstream_store()
+    if store:
+        overrides["store"] = {"url": store}
     chosen = {n: params[n] for n in names if params.get(n) not in (None, [], "")}
     if chosen:
         overrides[section] = chosen
     return load_settings(overrides=overrides)
+
+
+def _context() -> Mapping[str, Any] | None:
+    try:
+        from airflow.sdk import get_current_context
+
+        return get_current_context()
+    except Exception:  # noqa: BLE001 - not inside a running task (CLI, tests of the core)
+        return None
+
+
+def upstream_store() -> str | None:
+    """The store named by the asset event that triggered the current run, if it was asset-triggered."""
+    ctx = _context()
+    events = (ctx or {}).get("triggering_asset_events") or {}
+    for asset_events in events.values():
+        for event in asset_events:
+            if (event.extra or {}).get("store"):
+                return str(event.extra["store"])
+    return None
+
+
+def announce(settings: Settings, *assets: Any) -> None:
+    """Put the store this run wrote to on the asset events of `assets`, for the runs they trigger."""
+    ctx = _context()
+    if ctx is None:
+        return
+    for asset in assets:
+        ctx["outlet_events"][asset].extra = {"store": settings.store.url}
+
+
+def fail_fast(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A mistake in the input (bad Param, bad configuration, existing release) fails at once: retrying it cannot
+    help. Everything else (a server gone, a killed worker) is left to the task's retries."""
+    from pipeline.cli import UserError
+    from pipeline.release.manifest import ReleaseExists
+
+    # ValueError covers ConfigError, VocabularyError, pydantic's ValidationError and the crowd's PlanError.
+    mistakes = (UserError, ValueError, ReleaseExists)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except mistakes as exc:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+    return wrapper
+
+
+def skip(reason: str) -> None:
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    raise AirflowSkipException(reason)

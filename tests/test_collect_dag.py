@@ -45,9 +45,15 @@ def test_collect_dag_maps_over_shards_and_writes_tables(airflow_db, tmp_path):
     assert len(store.read_table("candidates")) == 16
 
 
-def test_shard_plan_stays_under_the_map_limit():
-    import math
+def test_shard_plan_stays_under_the_map_limit_and_checks_wanted_wnids():
+    from pipeline.cli import UserError
+    from pipeline.sources.collect import plan_shards
 
-    n, size = 20_000, 50
-    size = max(size, math.ceil(n / 1000))
-    assert math.ceil(n / size) <= 1000 < 1024
+    wnids = [f"n{i:08d}" for i in range(20_000)]
+    shards = plan_shards(wnids, None, 5, 1000)
+    assert len(shards) == 1000 < 1024  # the size was raised from 5 to 20
+    assert [w for s in shards for w in s["wnids"]] == wnids and [s["shard"] for s in shards] == list(range(1000))
+    assert plan_shards(wnids, ["n00000007", "n00000003"], 1, 1000) == [
+        {"shard": 0, "wnids": ["n00000003"]}, {"shard": 1, "wnids": ["n00000007"]}]
+    with pytest.raises(UserError, match="n99999999"):
+        plan_shards(wnids, ["n99999999"], 1, 1000)

@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from pipeline.faults import failpoint
 from pipeline.ingest.fetch import TRANSIENT_REASONS, FetchConfig, Fetcher
 from pipeline.ingest.validate import ValidateConfig
 from pipeline.ingest.worker import ContentCache, _worker, process_result
@@ -172,6 +173,8 @@ class _Checkpoint:
         self.seq = 0
         self.lock = threading.Lock()
         self.keys: list[str] = []
+        # A retry of the same task (same tag) must not overwrite the parts of the attempt that died.
+        self.attempt = uuid.uuid4().hex[:8]
 
     def add(self, row: dict[str, Any]) -> None:
         with self.lock:
@@ -187,10 +190,11 @@ class _Checkpoint:
         if not self.rows:
             return
         df = rows_frame(self.rows)
-        key = f"{PARTS_PREFIX}{self.tag}-{self.seq:05d}.parquet"
+        key = f"{PARTS_PREFIX}{self.tag}-{self.attempt}-{self.seq:05d}.parquet"
         self.store.write_table("images", df, key=key)
         self.keys.append(key)
         self.rows, self.seq = [], self.seq + 1
+        failpoint("ingest.part_written")
 
 
 def run_ingest(

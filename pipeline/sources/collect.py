@@ -28,6 +28,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.faults import failpoint
 from pipeline.schemas import arrow_schema
 from pipeline.sources.base import ApiClient, Source, SourceError, license_allowed, normalize_url
 
@@ -178,6 +179,26 @@ def merge_candidates(existing: pd.DataFrame, new: pd.DataFrame, covered_wnids: S
 # --- I/O shell ------------------------------------------------------------------------------------------------
 
 
+def plan_shards(wnids: Sequence[str], wanted: Sequence[str] | None, size: int, max_shards: int) -> list[dict[str, Any]]:
+    """Cut the synsets into shards of `size` (raised so there are at most `max_shards`), for mapped tasks.
+
+    >>> plan_shards(["a", "b", "c"], None, 2, 1000)
+    [{'shard': 0, 'wnids': ['a', 'b']}, {'shard': 1, 'wnids': ['c']}]
+    """
+    import math
+
+    from pipeline.cli import UserError
+
+    if wanted:
+        missing = sorted(set(wanted) - set(wnids))
+        if missing:
+            raise UserError(f"wnids {missing[:5]} are not in the synsets table; run the vocabulary stage for them")
+        keep = set(wanted)
+        wnids = [w for w in wnids if w in keep]
+    size = max(int(size), math.ceil(len(wnids) / max_shards), 1)
+    return [{"shard": i // size, "wnids": list(wnids[i : i + size])} for i in range(0, len(wnids), size)]
+
+
 def _select_synsets(store: Any, wnids: Sequence[str] | None) -> pd.DataFrame:
     from pipeline.cli import UserError
     from pipeline.store import MissingKey
@@ -219,6 +240,7 @@ def run_collect(
     covered = list(synsets["wnid"])
     if part:
         store.write_table("candidates", df, key=f"{PARTS_PREFIX}{part}.parquet")
+        failpoint("collect.part_written")  # the table part exists, its meta (what merge reads) not yet
         store.put(f"{PARTS_PREFIX}{part}.json", json.dumps({"wnids": covered, "errors": errors}).encode())
     else:
         existing = store.read_table("candidates", missing_ok=True).to_pandas()

@@ -1,0 +1,140 @@
+"""A local Airflow for the project's DAGs: environment, metadata DB, `dag.test()` runs, and the UI stack.
+
+Used by `make demo`, the tests and `synsetforge airflow up`. Airflow reads its configuration when it is first
+imported, so `use_home()` must run before anything imports airflow. The stack (`start_stack`) is the one a data
+engineer sees: api-server, scheduler (LocalExecutor) and dag-processor as separate processes on 127.0.0.1, each
+in its own process group and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pipeline.services import Service, free_port, start_service
+
+ROOT = Path(__file__).resolve().parent.parent
+DAGS = ROOT / "dags"
+
+
+def airflow_bin() -> str:
+    return str(Path(sys.executable).with_name("airflow"))
+
+
+def airflow_env(home: Path | str, *, parallelism: int = 2, executor: str = "LocalExecutor") -> dict[str, str]:
+    """The variables every Airflow process of ours runs with (a temp home, our DAGs, no examples)."""
+    return {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+        "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+        "AIRFLOW__CORE__EXECUTOR": executor,
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "NLTK_DATA": os.environ.get("NLTK_DATA", str(ROOT / ".nltk_data")),
+    }
+
+
+def use_home(home: Path | str, **kwargs: Any) -> dict[str, str]:
+    """Point this process at `home` (call before importing airflow) and migrate its SQLite metadata DB."""
+    if "airflow" in sys.modules and os.environ.get("AIRFLOW_HOME") != str(home):
+        raise RuntimeError("airflow was imported before use_home(); its configuration cannot change any more")
+    env = airflow_env(home, **kwargs)
+    Path(home).mkdir(parents=True, exist_ok=True)
+    os.environ.update(env)
+    migrate(env)
+    return env
+
+
+def migrate(env: dict[str, str]) -> None:
+    result = subprocess.run([airflow_bin(), "db", "migrate"], capture_output=True, text=True, env={**os.environ, **env})
+    if result.returncode != 0:
+        raise RuntimeError(f"airflow db migrate failed:\n{result.stderr[-3000:]}")
+
+
+def load_dag(dag_id: str):
+    """The DAG `dag_id` from dags/, failing loudly on any import error of the folder."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS))
+    if bag.import_errors:
+        raise RuntimeError(f"DAG import errors: {bag.import_errors}")
+    dag = bag.get_dag(dag_id)
+    if dag is None:
+        raise KeyError(f"no DAG {dag_id!r} in {DAGS}")
+    return dag
+
+
+def run_dag_test(dag_id: str, conf: dict[str, Any] | None = None, *, retry_delay: timedelta | None = None):
+    """One run of `dag_id` with dag.test() in this process; returns the DagRun (it does not raise on failure).
+
+    dag.test() honours retries and waits out their delay; `retry_delay` shortens it (tests, the demo).
+    """
+    dag = load_dag(dag_id)
+    if retry_delay is not None:
+        for t in dag.tasks:
+            t.retry_delay, t.retry_exponential_backoff = retry_delay, 0
+    return dag.test(run_conf=conf or {})
+
+
+def failed_tasks(run) -> list[str]:
+    """task ids (with map index) of a DagRun that did not succeed, for error messages."""
+    return [f"{ti.task_id}[{ti.map_index}]={ti.state}" for ti in run.get_task_instances()
+            if ti.state not in ("success", "skipped")]
+
+
+@dataclass
+class Stack:
+    """api-server + scheduler + dag-processor; `url` is the UI and REST API."""
+
+    home: Path
+    url: str
+    services: list[Service] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+
+def start_stack(home: Path | str, *, env: dict[str, str] | None = None, port: int | None = None,
+                log_dir: Path | None = None, timeout: float = 240.0) -> Stack:
+    """Start the UI stack on 127.0.0.1 against an already migrated home (see `use_home`).
+
+    `env` adds variables for every process (e.g. SYNSETFORGE__STORE__URL for asset-triggered runs, which get no
+    Params from the run that triggered them). The simple auth manager makes everyone admin: loopback only.
+    """
+    home = Path(home)
+    log_dir = log_dir or home / "logs"
+    full = {**airflow_env(home), "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5", **(env or {})}
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    full["AIRFLOW__API__BASE_URL"] = url
+    full["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = f"{url}/execution/"
+    stack = Stack(home, url)
+    try:
+        stack.services.append(start_service(
+            "airflow-api-server", [airflow_bin(), "api-server", "-H", "127.0.0.1", "-p", str(port), "-w", "1"],
+            url=url, ready_path="/api/v2/monitor/health", env=full, log_path=log_dir / "api-server.log",
+            timeout=timeout))
+        for name in ("dag-processor", "scheduler"):
+            stack.services.append(_start_daemon(name, full, log_dir))
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def _start_daemon(name: str, env: dict[str, str], log_dir: Path) -> Service:
+    """A component without an HTTP port of its own: started like the others, ready once it is running."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([airflow_bin(), name], stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env={**os.environ, **env}, start_new_session=True)
+    return Service(f"airflow-{name}", process, "", log_path)

@@ -73,6 +73,7 @@ def synsetforge_collect():
         return plan_shards(wnids, params.get("wnids") or None, size, MAX_SHARDS)
 
     @task(max_active_tis_per_dagrun=4, **SERVER_RETRIES)
+    @fail_fast
     def collect_shard(shard: dict, params=None, run_id=None) -> dict:
         from pipeline.sources.collect import run_collect
 
@@ -90,6 +91,7 @@ def synsetforge_collect():
         return {k: v for k, v in summary.items() if k != "errors"} | {"errors": len(summary["errors"])}
 
     @task(outlets=[CANDIDATES])
+    @fail_fast
     def merge_candidates(_collected) -> dict:
         from pipeline.dagtools import announce
         from pipeline.sources.collect import merge_collect_parts
@@ -101,6 +103,7 @@ def synsetforge_collect():
         return summary
 
     @task(max_active_tis_per_dagrun=2, **SERVER_RETRIES)
+    @fail_fast
     def ingest_shard(shard: dict, params=None, run_id=None) -> dict:
         from pipeline.ingest.stage import run_ingest
 
@@ -109,6 +112,7 @@ def synsetforge_collect():
         return run_ingest(store, settings, wnids=shard["wnids"], merge=False, tag=tag)
 
     @task(outlets=[IMAGES])
+    @fail_fast
     def merge_images(_ingested) -> dict:
         from pipeline.dagtools import announce
         from pipeline.ingest.stage import merge_ingest

@@ -102,7 +102,7 @@ class Stack:
 
 def start_stack(home: Path | str, *, env: dict[str, str] | None = None, port: int | None = None,
                 log_dir: Path | None = None, timeout: float = 240.0) -> Stack:
-    """Start the UI stack on 127.0.0.1 against an already migrated home (see `use_home`).
+    """Start the UI stack on 127.0.0.1 for `home` (its SQLite metadata DB is migrated first).
 
     `env` adds variables for every process (e.g. SYNSETFORGE__STORE__URL for asset-triggered runs, which get no
     Params from the run that triggered them). The simple auth manager makes everyone admin: loopback only.
@@ -116,25 +116,28 @@ def start_stack(home: Path | str, *, env: dict[str, str] | None = None, port: in
     url = f"http://127.0.0.1:{port}"
     full["AIRFLOW__API__BASE_URL"] = url
     full["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = f"{url}/execution/"
+    migrate(full)
     stack = Stack(home, url)
     try:
         stack.services.append(start_service(
             "airflow-api-server", [airflow_bin(), "api-server", "-H", "127.0.0.1", "-p", str(port), "-w", "1"],
             url=url, ready_path="/api/v2/monitor/health", env=full, log_path=log_dir / "api-server.log",
             timeout=timeout))
-        for name in ("dag-processor", "scheduler"):
-            stack.services.append(_start_daemon(name, full, log_dir))
+        stack.services.append(_start_daemon(["dag-processor"], full, log_dir))
+        # LocalExecutor task logs are files the api-server reads; no log server listening on every interface.
+        stack.services.append(_start_daemon(["scheduler", "--skip-serve-logs"], full, log_dir))
     except BaseException:
         stack.stop()
         raise
     return stack
 
 
-def _start_daemon(name: str, env: dict[str, str], log_dir: Path) -> Service:
+def _start_daemon(args: list[str], env: dict[str, str], log_dir: Path) -> Service:
     """A component without an HTTP port of its own: started like the others, ready once it is running."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    name = args[0]
     log_path = log_dir / f"{name}.log"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([airflow_bin(), name], stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen([airflow_bin(), *args], stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env={**os.environ, **env}, start_new_session=True)
     return Service(f"airflow-{name}", process, "", log_path)

@@ -31,6 +31,10 @@ class SourceError(RuntimeError):
     """A source could not answer (bad configuration, malformed response, retries exhausted)."""
 
 
+class SourceConfigError(SourceError, ValueError):
+    """The configuration names a source that cannot work as set (missing key, folder or file): retrying won't help."""
+
+
 class Source(ABC):
     """One candidate source. `per_query` sources are asked once per expanded query; others once per synset."""
 

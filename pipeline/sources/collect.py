@@ -30,7 +30,7 @@ import pandas as pd
 
 from pipeline.faults import failpoint
 from pipeline.schemas import arrow_schema
-from pipeline.sources.base import ApiClient, Source, SourceError, license_allowed, normalize_url
+from pipeline.sources.base import ApiClient, Source, SourceConfigError, SourceError, license_allowed, normalize_url
 
 SOURCE_NAMES = ("openverse", "wikimedia", "flickr", "url_list", "local_dir", "s3_prefix")
 CANDIDATE_COLUMNS = arrow_schema("candidates").names
@@ -43,7 +43,7 @@ def build_sources(settings: Any, names: Sequence[str] | None = None, *, flickr_a
     names = list(names or c.sources)
     unknown = [n for n in names if n not in SOURCE_NAMES]
     if unknown:
-        raise SourceError(f"unknown source(s) {unknown}; choose from {list(SOURCE_NAMES)}")
+        raise SourceConfigError(f"unknown source(s) {unknown}; choose from {list(SOURCE_NAMES)}")
 
     def client(name: str) -> ApiClient:
         return ApiClient(name, timeout_s=c.http_timeout_s, max_retries=c.max_retries,
@@ -70,7 +70,7 @@ def build_sources(settings: Any, names: Sequence[str] | None = None, *, flickr_a
             from pipeline.sources.url_list import UrlListSource
 
             if not c.url_list:
-                raise SourceError("url_list: collect.url_list is not set; point it at a .txt, .csv or .parquet file")
+                raise SourceConfigError("url_list: collect.url_list is not set; point it at a .txt, .csv or .parquet file")
             out.append(UrlListSource(c.url_list))
         elif name == "local_dir":
             from pipeline.sources.local_dir import LocalDirSource

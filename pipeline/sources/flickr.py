@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from pipeline.sources.base import ApiClient, Source, SourceError, license_family, normalize_license
+from pipeline.sources.base import ApiClient, Source, SourceConfigError, SourceError, license_family, normalize_license
 
 # flickr.photos.licenses.getInfo: id -> (our id, url)
 FLICKR_LICENSES: dict[str, tuple[str, str | None]] = {
@@ -44,7 +44,7 @@ class FlickrSource(Source):
     def __init__(self, client: ApiClient, endpoint: str, api_key: str | None, *, page_size: int = 100,
                  allowed_licenses: list[str] | None = None):
         if not api_key:
-            raise SourceError(
+            raise SourceConfigError(
                 "flickr: no API key; set SYNSETFORGE__COLLECT__FLICKR_API_KEY (or the Airflow Connection "
                 "synsetforge_flickr) or drop flickr from collect.sources"
             )

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.sources.base import Source, SourceError
+from pipeline.sources.base import Source, SourceConfigError
 
 
 class LocalDirSource(Source):
@@ -18,10 +18,10 @@ class LocalDirSource(Source):
 
     def __init__(self, root: str | Path | None):
         if not root:
-            raise SourceError("local_dir: collect.local_dir is not set; point it at a folder with one sub-folder per wnid")
+            raise SourceConfigError("local_dir: collect.local_dir is not set; point it at a folder with one sub-folder per wnid")
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
-            raise SourceError(f"local_dir: {self.root} is not a folder; create it with one sub-folder per wnid")
+            raise SourceConfigError(f"local_dir: {self.root} is not a folder; create it with one sub-folder per wnid")
 
     def search(self, synset: Mapping[str, Any], query: str | None, budget: int) -> Iterator[dict[str, Any]]:
         folder = self.root / str(synset["wnid"])

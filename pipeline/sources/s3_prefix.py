@@ -9,13 +9,13 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.sources.base import Source, SourceError
+from pipeline.sources.base import Source, SourceConfigError, SourceError
 
 
 def split_s3_url(url: str) -> tuple[str, str]:
     parsed = urlparse(url)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise SourceError(f"s3_prefix: {url!r} is not an s3://bucket/prefix URL")
+        raise SourceConfigError(f"s3_prefix: {url!r} is not an s3://bucket/prefix URL")
     return parsed.netloc, parsed.path.lstrip("/")
 
 
@@ -25,7 +25,7 @@ class S3PrefixSource(Source):
 
     def __init__(self, url: str | None, *, endpoint_url: str | None = None, client: Any = None):
         if not url:
-            raise SourceError("s3_prefix: collect.s3_prefix is not set; use s3://bucket/prefix with one sub-prefix per wnid")
+            raise SourceConfigError("s3_prefix: collect.s3_prefix is not set; use s3://bucket/prefix with one sub-prefix per wnid")
         self.bucket, prefix = split_s3_url(url)
         self.prefix = prefix.strip("/")
         if client is None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.sources.base import CANDIDATE_FIELDS, Source, SourceError, normalize_license
+from pipeline.sources.base import CANDIDATE_FIELDS, Source, SourceConfigError, SourceError, normalize_license
 
 _CAPTION_COLUMNS = ("caption", "text", "title", "TEXT")
 
@@ -25,7 +25,7 @@ def read_url_list(path: str | Path) -> pd.DataFrame:
     """Read a txt/csv/parquet URL list into a frame with at least a `url` column (str)."""
     p = Path(path)
     if not p.is_file():
-        raise SourceError(f"url_list: file {p} does not exist; set collect.url_list to a .txt, .csv or .parquet file")
+        raise SourceConfigError(f"url_list: file {p} does not exist; set collect.url_list to a .txt, .csv or .parquet file")
     suffix = p.suffix.lower()
     try:
         if suffix == ".parquet":
@@ -48,7 +48,7 @@ def read_url_list(path: str | Path) -> pd.DataFrame:
     if "url" not in df.columns and "URL" in df.columns:
         df = df.rename(columns={"URL": "url"})
     if "url" not in df.columns:
-        raise SourceError(f"url_list: {p} has no 'url' column (columns: {list(df.columns)[:10]}); add a header row")
+        raise SourceConfigError(f"url_list: {p} has no 'url' column (columns: {list(df.columns)[:10]}); add a header row")
     df = df[df["url"].astype(str).str.len() > 0].copy()
     df["url"] = df["url"].astype(str)
     return df.reset_index(drop=True)
@@ -63,7 +63,7 @@ class UrlListSource(Source):
         self.per_query = "wnid" not in df.columns
         self.caption_column = next((c for c in _CAPTION_COLUMNS if c in df.columns), None)
         if self.per_query and self.caption_column is None:
-            raise SourceError(
+            raise SourceConfigError(
                 f"url_list: {self.path} has neither a 'wnid' column nor a caption column ({', '.join(_CAPTION_COLUMNS)}); "
                 "add a wnid per URL so each synset knows its candidates"
             )

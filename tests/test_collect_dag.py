@@ -57,3 +57,38 @@ def test_shard_plan_stays_under_the_map_limit_and_checks_wanted_wnids():
         {"shard": 0, "wnids": ["n00000003"]}, {"shard": 1, "wnids": ["n00000007"]}]
     with pytest.raises(UserError, match="n99999999"):
         plan_shards(wnids, ["n99999999"], 1, 1000)
+
+
+@pytest.mark.parametrize("point", ["collect.part_written", "ingest.part_written"])
+def test_a_task_failing_halfway_is_retried_to_the_same_tables_as_a_clean_run(airflow_db, tmp_path, monkeypatch, point):
+    """The failpoint raises right after a part of the task's output was written; the retry must neither lose nor
+    duplicate a row: the end state equals a clean run's, table for table."""
+    wnids = [f"n0000000{i}" for i in range(1, 5)]
+    rng = np.random.default_rng(1)
+    for w in wnids:
+        (tmp_path / "imgs" / w).mkdir(parents=True)
+        for j in range(5):
+            Image.fromarray((rng.random((48, 64, 3)) * 255).astype("uint8")).save(tmp_path / "imgs" / w / f"{j}.jpg")
+    stores = {}
+    for name in ("clean", "faulty"):
+        stores[name] = open_store(tmp_path / name)
+        stores[name].write_table("synsets", synsets_frame(wnids))
+    monkeypatch.setenv("SYNSETFORGE__INGEST__FLUSH_EVERY", "2")
+    conf = {"sources": ["local_dir"], "local_dir": str(tmp_path / "imgs"), "shard_size": 2}
+    assert run_dag("synsetforge_collect", {**conf, "store": str(tmp_path / "clean")}).state == "success"
+
+    (tmp_path / "faults").mkdir()
+    monkeypatch.setenv("SYNSETFORGE_FAILPOINTS", f"{point}=raise")
+    monkeypatch.setenv("SYNSETFORGE_FAILPOINT_DIR", str(tmp_path / "faults"))
+    run = run_dag("synsetforge_collect", {**conf, "store": str(tmp_path / "faulty")})
+    assert run.state == "success"
+    assert [p.name for p in (tmp_path / "faults").iterdir()] == [f"{point}.0"], "the fault never fired"
+    task = point.split(".")[0] + "_shard"
+    tries = {(ti.task_id, ti.map_index): ti.try_number for ti in run.get_task_instances()}
+    assert sorted(t for (tid, _), t in tries.items() if tid == task) == [1, 2], tries  # one shard failed once
+
+    for table in ("candidates", "images", "image_links"):
+        clean = stores["clean"].read_table(table).to_pandas().drop(columns=["found_at"], errors="ignore")
+        faulty = stores["faulty"].read_table(table).to_pandas().drop(columns=["found_at"], errors="ignore")
+        pd.testing.assert_frame_equal(clean, faulty, obj=table)
+    assert len(stores["faulty"].read_table("images")) == 4 * 5

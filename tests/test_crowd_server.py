@@ -199,3 +199,85 @@ def test_crowd_dag_pull_aggregate_push(labelstudio, airflow_db, monkeypatch):  #
     assert run_dag("synsetforge_crowd", conf).state == "success"
     assert len(store.read_table("votes")) >= 4
     assert find_project(client, f"{settings.crowd.project_prefix} verify")["id"] == pid
+
+
+def _reconcile_until_settled(ls, store, settings, truth, workers, *, during_first_run=None, max_rounds: int = 8):
+    """The crowd DAG (pull -> QC -> push -> settled) run by dag.test() with the annotators working in between."""
+    from datetime import timedelta
+
+    from pipeline.airflow_local import run_dag_test
+
+    conf = {"store": str(store.root), "url": ls.url, "project_prefix": settings.crowd.project_prefix,
+            "files_root": str(ls.files_root)}
+    states = []
+    for rnd in range(max_rounds):
+        # Retries 15 s apart: long enough for a restarting Label Studio to come back within the task's retries.
+        run = run_dag_test("synsetforge_crowd", conf, retry_delay=timedelta(seconds=15))
+        states.append({ti.task_id: (ti.state, ti.try_number) for ti in run.get_task_instances()})
+        assert run.state == "success", states[-1]
+        if rnd == 0 and during_first_run:
+            during_first_run.join(timeout=300)
+        if states[-1]["settled"][0] == "success":
+            return states
+        pid = find_project(ls.admin(), f"{settings.crowd.project_prefix} verify")["id"]
+        work(workers, pid, truth, seed=rnd)
+    raise AssertionError(f"not settled after {max_rounds} rounds: {states}")
+
+
+def test_label_studio_restarting_during_the_reconcile_loop_ends_as_a_clean_loop(labelstudio, airflow_db,  # noqa: F811
+                                                                              monkeypatch):
+    """Label Studio goes away between QC and push inside a DAG run and comes back while push is retried; the loop
+    then ends with the same labels, votes per image and tasks as a loop where nothing happened."""
+    import threading
+
+    from pipeline.qc import stage as qc_stage
+
+    if labelstudio.server.service is None:
+        pytest.skip("external server: cannot restart it")
+    for k, v in {"TOKEN": labelstudio.token, "PSEUDONYM_KEY": "k"}.items():
+        monkeypatch.setenv(f"SYNSETFORGE__CROWD__{k}", v)
+    ends = {}
+    for name in ("clean", "restarted"):
+        store = labelstudio.new_store()
+        images = make_images(store, 6, seed=4242)  # same bytes in both stores: same image ids
+        write_synsets(store)
+        ids = images["image_id"].tolist()
+        store.write_table("image_links", pd.DataFrame({
+            "image_id": ids, "wnid": TENCH, "url": [f"http://example.org/{i}.jpg" for i in ids], "source": "test",
+            "rank": range(1, 7), "n_urls": 1, "n_synsets": 1, "multi_synset": False, "near_duplicate_of": None}))
+        settings = labelstudio.settings(store, gold_rate=0.0)
+        truth = {(i, TENCH): ("yes" if k % 3 else "no") for k, i in enumerate(ids)}
+        workers = labelstudio.annotators([Profile(accuracy=1.0)] * 3)
+        restarter, pid_before = None, labelstudio.server.pid
+        if name == "restarted":
+            real_run_qc = qc_stage.run_qc
+            restarter = threading.Thread(target=labelstudio.server.restart, daemon=True)
+
+            def run_qc_then_lose_the_server(*args, _real=real_run_qc, _restarter=restarter, **kwargs):
+                out = _real(*args, **kwargs)
+                if _restarter.ident is None:  # the first time only
+                    labelstudio.server.stop()  # gone before push: push fails until the restart is done
+                    _restarter.start()
+                return out
+
+            monkeypatch.setattr(qc_stage, "run_qc", run_qc_then_lose_the_server)
+        states = _reconcile_until_settled(labelstudio, store, settings, truth, workers, during_first_run=restarter)
+        if name == "restarted":
+            # push met a server that was gone; its client retries (and the task's, if the restart is slow) waited
+            assert restarter.ident is not None and not restarter.is_alive()
+            assert labelstudio.server.pid != pid_before, "Label Studio was not restarted"
+            assert states[0]["push_tasks"][0] == "success"
+        client = labelstudio.admin()
+        pid = find_project(client, f"{settings.crowd.project_prefix} verify")["id"]
+        tasks, votes = store.read_table("tasks").to_pandas(), store.read_table("votes").to_pandas()
+        remote = server_tasks(client, pid)
+        assert len(remote) == len(tasks) and remote["request_id"].is_unique and tasks["request_id"].is_unique
+        assert votes["annotation_id"].is_unique
+        labels = store.read_table("labels").to_pandas()
+        ends[name] = {
+            "labels": sorted(zip(labels.image_id, labels.wnid, labels.status, strict=True)),
+            "votes_per_image": votes.groupby("image_id").size().sort_index().to_dict(),
+            "tasks": len(tasks),
+        }
+        assert {(i, w): ("yes" if s == "accepted" else "no") for i, w, s in ends[name]["labels"]} == truth
+    assert ends["restarted"] == ends["clean"]

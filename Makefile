@@ -23,7 +23,8 @@ bench: setup
 	@$(PY) benchmarks/run_all.py
 
 lint: setup
-	@$(VENV)/bin/ruff check pipeline crowd dags tests benchmarks
+	@$(VENV)/bin/ruff check pipeline crowd dags tests benchmarks infra/deploy/check.py
+	@$(PY) infra/deploy/check.py
 
 clean:
 	rm -rf $(VENV) .venv-labelstudio .venv-bench-* .nltk_data demo-output test-artifacts

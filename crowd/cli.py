@@ -58,7 +58,7 @@ def project_ids(client: CrowdClient, settings: Any, kinds: list[str]) -> list[in
 
 
 def cmd_push(args: argparse.Namespace, settings: Any) -> int:
-    from crowd.provision import ensure_bucket_cors, image_dir_of, provision
+    from crowd.provision import cors_origin, ensure_bucket_cors, image_dir_of, provision
     from crowd.push import PlanError, push
 
     client = admin_client(settings)
@@ -66,7 +66,7 @@ def cmd_push(args: argparse.Namespace, settings: Any) -> int:
     plan = _read_plan(args.plan)
     try:
         pid = provision(client, settings, kinds=[args.kind], overlap=args.overlap, image_dir=image_dir_of(store))[args.kind]
-        ensure_bucket_cors(store, client.url)
+        ensure_bucket_cors(store, cors_origin(settings, client))
         out = push(store, client, settings, project_id=pid, kind=args.kind, plan=plan)
     except (PlanError, CrowdError) as exc:
         raise _user_error(str(exc)) from None

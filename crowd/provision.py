@@ -121,8 +121,20 @@ def ensure_bucket_cors(store: Any, origin: str) -> bool:
         return False
     rules.append({"AllowedOrigins": [origin], "AllowedMethods": ["GET", "HEAD"], "AllowedHeaders": ["*"],
                   "MaxAgeSeconds": 3600})
-    store.client.put_bucket_cors(Bucket=store.bucket, CORSConfiguration={"CORSRules": rules})
+    try:
+        store.client.put_bucket_cors(Bucket=store.bucket, CORSConfiguration={"CORSRules": rules})
+    except Exception as exc:
+        # MinIO has no per-bucket CORS API: its server-wide MINIO_API_CORS_ALLOW_ORIGIN setting applies instead.
+        if getattr(exc, "response", {}).get("Error", {}).get("Code") == "NotImplemented":
+            log.warning("the S3 server has no bucket CORS API; make sure it allows GET from %s", origin)
+            return False
+        raise
     return True
+
+
+def cors_origin(settings: Any, client: CrowdClient) -> str:
+    """The origin annotators' browsers load Label Studio from: crowd.public_url behind a proxy, else its URL."""
+    return settings.crowd.public_url or client.url
 
 
 def provision(client: CrowdClient, settings: Any, *, kinds: list[str] | None = None, overlap: int | None = None,

@@ -82,7 +82,7 @@ def synsetforge_crowd():
     @task(outlets=[TASKS], **SERVER_RETRIES)
     @fail_fast
     def push_tasks(aggregated: dict, params=None) -> dict:
-        from crowd.provision import ensure_bucket_cors, image_dir_of, provision
+        from crowd.provision import cors_origin, ensure_bucket_cors, image_dir_of, provision
         from crowd.push import push
 
         settings = _settings(params)
@@ -91,7 +91,7 @@ def synsetforge_crowd():
             return {"pushed": 0, "reason": "no push_plan table yet"}
         kind = params["kind"]
         pid = provision(client, settings, kinds=[kind], image_dir=image_dir_of(store))[kind]
-        ensure_bucket_cors(store, client.url)
+        ensure_bucket_cors(store, cors_origin(settings, client))
         out = push(store, client, settings, project_id=pid, kind=kind)
         return {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
 

@@ -116,6 +116,8 @@ class QCSettings(Section):
 
 class CrowdSettings(Section):
     url: str | None = Field(None, description="Label Studio base URL")
+    public_url: str | None = Field(
+        None, description="Label Studio URL as annotators' browsers see it (the CORS origin); default url")
     token: SecretStr | None = None
     pseudonym_key: SecretStr | None = None
     gold_rate: float = Field(0.1, ge=0.0, lt=1.0, description="share of pushed tasks that are gold controls")

@@ -235,3 +235,23 @@ def test_cli_without_server_settings_says_what_to_set(capsys, monkeypatch, tmp_p
     monkeypatch.setenv("SYNSETFORGE__CROWD__URL", "http://127.0.0.1:1")
     assert main(["--store", str(tmp_path), "crowd", "push"]) == 2
     assert "SYNSETFORGE__CROWD__TOKEN" in capsys.readouterr().err
+
+
+def test_bucket_cors_on_a_server_without_the_cors_api_warns_instead_of_failing(caplog):
+    """MinIO answers PutBucketCors with NotImplemented (its CORS is a server setting): push must go on."""
+    import boto3
+    from botocore.stub import Stubber
+
+    from crowd.provision import ensure_bucket_cors
+    from pipeline.store import S3Store
+
+    client = boto3.client("s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    with Stubber(client) as stub:
+        stub.add_client_error("get_bucket_cors", "NoSuchCORSConfiguration")
+        stub.add_client_error("put_bucket_cors", "NotImplemented", http_status_code=501)
+        assert ensure_bucket_cors(S3Store("b", "p", client=client), "http://ls.example:8080") is False
+        stub.add_client_error("get_bucket_cors", "NoSuchCORSConfiguration")
+        stub.add_client_error("put_bucket_cors", "AccessDenied", http_status_code=403)
+        with pytest.raises(Exception, match="AccessDenied"):  # any other refusal is the operator's to fix
+            ensure_bucket_cors(S3Store("b", "p", client=client), "http://ls.example:8080")
+    assert "no bucket CORS API" in caplog.text and "http://ls.example:8080" in caplog.text

@@ -141,3 +141,43 @@ def _start_daemon(args: list[str], env: dict[str, str], log_dir: Path) -> Servic
         process = subprocess.Popen([airflow_bin(), *args], stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env={**os.environ, **env}, start_new_session=True)
     return Service(f"airflow-{name}", process, "", log_path)
+
+
+# ---------------------------------------------------------------- CLI: synsetforge airflow up
+
+
+def register_cli(sub: Any) -> None:
+    p = sub.add_parser("airflow", help="run the project's DAGs in a local Airflow (UI on 127.0.0.1)")
+    actions = p.add_subparsers(dest="airflow_command", metavar="ACTION", required=True)
+    up = actions.add_parser("up", help="start api-server + scheduler + dag-processor until Ctrl-C")
+    up.add_argument("--home", default=".airflow", help="AIRFLOW_HOME (metadata DB, logs); default ./.airflow")
+    up.add_argument("--port", type=int, default=8080, help="UI / REST API port on 127.0.0.1 (0: a free one)")
+    up.set_defaults(func=_cli_up)
+
+
+def _cli_up(args: Any, settings: Any) -> int:
+    import time
+
+    home = Path(args.home).resolve()
+    # Asset-triggered runs get no Params: they read the store from the configuration the stack inherits.
+    store = settings.store.url if "://" in settings.store.url else str(Path(settings.store.url).resolve())
+    env = {"SYNSETFORGE__STORE__URL": store}
+    print(f"starting Airflow (home {home}) ...", flush=True)
+    stack = start_stack(home, env=env, port=args.port or None)
+    try:
+        print(f"Airflow UI:  {stack.url}   (local only; every visitor is admin)")
+        print(f"store:       {store}")
+        for s in stack.services:
+            print(f"  {s.name:22s} pid {s.pid}  log {s.log_path}")
+        print("DAGs start paused: unpause them in the UI, then trigger synsetforge_vocabulary. Ctrl-C stops all.",
+              flush=True)
+        while all(s.process.poll() is None for s in stack.services):
+            time.sleep(1)
+        dead = [s for s in stack.services if s.process.poll() is not None]
+        print(f"{dead[0].name} exited (code {dead[0].process.returncode}); last lines:\n{dead[0].log_tail()}")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+        print("stopped.")

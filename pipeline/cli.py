@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "pipeline.boxes",
     "pipeline.release.cli",
     "pipeline.evaluate",
+    "pipeline.airflow_local",
 )
 
 

@@ -144,3 +144,33 @@ def test_scheduler_runs_the_chain_in_parallel_survives_a_killed_worker_and_match
     assert "merge_images" in body and "Success" in body
     browser.save_screenshot(str(artifacts_dir / "airflow-grid.png"))
     shutil.copy(artifacts_dir / "airflow-grid.png", ROOT / "docs" / "airflow-grid.png")
+
+
+def test_synsetforge_airflow_up_serves_the_ui_and_stops_every_process_on_ctrl_c(tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [str(Path(sys.executable).with_name("synsetforge")), "--store", str(tmp_path / "store"),
+           "airflow", "up", "--home", str(tmp_path / "home"), "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        while not any("Ctrl-C stops all" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, "synsetforge airflow up exited early:\n" + "".join(lines)
+            lines.append(line)
+        out = "".join(lines)
+        url = re.search(r"Airflow UI:\s+(http://127\.0\.0\.1:\d+)", out).group(1)
+        pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
+        assert len(pids) == 3 and f"store:       {tmp_path / 'store'}" in out
+        assert api(f"{url}/api/v2/monitor/health")["metadatabase"]["status"] == "healthy"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+        assert proc.wait(120) == 0 and "stopped." in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()

@@ -21,8 +21,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from pipeline.boxes import BoxesSettings  # the box loop's policy lives with its state machine
-
 ENV_PREFIX = "SYNSETFORGE__"
 DEFAULT_DATA_ROOT = "data"
 
@@ -112,6 +110,27 @@ class QCSettings(Section):
     gold_min_accuracy: float = Field(0.6, ge=0.0, le=1.0)
     block_below_accuracy: float = Field(0.75, ge=0.0, lt=1.0, description="flag (block) workers estimated below this")
     ds_max_iter: int = Field(100, ge=1)
+
+
+class BoxesSettings(BaseModel):
+    """Settings of the box loop (`[boxes]`); its policy is read by the state machine in pipeline.boxes."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    draw_overlap: int = Field(1, ge=1, description="drawings per draw task; >1 consolidates several drawers")
+    quality_overlap: int = Field(2, ge=1, description="quality votes asked first for a drawn box")
+    quality_max_votes: int = Field(3, ge=1, description="split votes get one more vote at a time up to this")
+    coverage_overlap: int = Field(2, ge=1, description="coverage votes asked first")
+    coverage_max_votes: int = Field(3, ge=1, description="split coverage votes get one more at a time up to this")
+    max_boxes: int = Field(12, ge=1, description="accepted boxes per (image, wnid) before the loop stops")
+    max_tasks: int = Field(40, ge=3, description="tasks per (image, wnid) before the loop gives up")
+    accept_above: float = Field(0.5, ge=0.0, lt=1.0, description="a box is accepted when P(good) > this")
+    method: str = Field("majority", pattern="^(majority|dawid_skene)$", description="QC method for quality votes")
+    cluster_iou: float = Field(0.5, gt=0.0, le=1.0, description="IoU that puts two drawings in one cluster")
+    duplicate_iou: float = Field(0.7, gt=0.0, le=1.0, description="a new box this close to an accepted one is a duplicate")
+    min_size_px: float = Field(2.0, ge=0.0, description="boxes thinner than this (after clamping) are degenerate")
+    max_images_per_wnid: int | None = Field(None, ge=1, description="box only a sample of each synset's images")
+    project_prefix: str = Field("synsetforge boxes", description="Label Studio project titles start with this")
 
 
 class CrowdSettings(Section):

@@ -20,13 +20,19 @@ def synsets_frame(wnids):
                          "queries": [["x"]] * len(wnids)})
 
 
-def test_collect_dag_maps_over_shards_and_writes_tables(airflow_db, tmp_path):
-    wnids = [f"n0000000{i}" for i in range(1, 6)]
-    rng = np.random.default_rng(0)
+def photo_folders(root, n_classes: int, per_class: int, seed: int) -> list[str]:
+    """One folder of random JPEGs per wnid (the local_dir source's layout); returns the wnids."""
+    wnids = [f"n0000000{i}" for i in range(1, n_classes + 1)]
+    rng = np.random.default_rng(seed)
     for w in wnids:
-        (tmp_path / "imgs" / w).mkdir(parents=True)
-        for j in range(3):
-            Image.fromarray((rng.random((48, 64, 3)) * 255).astype("uint8")).save(tmp_path / "imgs" / w / f"{j}.jpg")
+        (root / w).mkdir(parents=True)
+        for j in range(per_class):
+            Image.fromarray((rng.random((48, 64, 3)) * 255).astype("uint8")).save(root / w / f"{j}.jpg")
+    return wnids
+
+
+def test_collect_dag_maps_over_shards_and_writes_tables(airflow_db, tmp_path):
+    wnids = photo_folders(tmp_path / "imgs", 5, 3, seed=0)
     (tmp_path / "imgs" / wnids[0] / "junk.jpg").write_bytes(b"not an image")
     store = open_store(tmp_path / "store")
     store.write_table("synsets", synsets_frame(wnids))
@@ -63,12 +69,7 @@ def test_shard_plan_stays_under_the_map_limit_and_checks_wanted_wnids():
 def test_a_task_failing_halfway_is_retried_to_the_same_tables_as_a_clean_run(airflow_db, tmp_path, monkeypatch, point):
     """The failpoint raises right after a part of the task's output was written; the retry must neither lose nor
     duplicate a row: the end state equals a clean run's, table for table."""
-    wnids = [f"n0000000{i}" for i in range(1, 5)]
-    rng = np.random.default_rng(1)
-    for w in wnids:
-        (tmp_path / "imgs" / w).mkdir(parents=True)
-        for j in range(5):
-            Image.fromarray((rng.random((48, 64, 3)) * 255).astype("uint8")).save(tmp_path / "imgs" / w / f"{j}.jpg")
+    wnids = photo_folders(tmp_path / "imgs", 4, 5, seed=1)
     stores = {}
     for name in ("clean", "faulty"):
         stores[name] = open_store(tmp_path / name)

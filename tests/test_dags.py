@@ -36,6 +36,8 @@ def test_vocabulary_dag_run_fails_on_bad_wnid_file(airflow_db, tmp_path):
     bad.write_text("n00000001\n")
     run = run_dag("synsetforge_vocabulary", {"wnid_file": str(bad), "store": str(tmp_path / "s")})
     assert run.state == "failed"
+    [ti] = run.get_task_instances()
+    assert (ti.state, ti.try_number) == ("failed", 1)  # an input mistake is not retried
 
 
 def test_dags_form_one_asset_chain_with_retries_and_light_imports(airflow_db):

@@ -28,4 +28,6 @@ def test_release_dag_builds_verifies_and_reports(airflow_db, tmp_path):
     assert run_dag("synsetforge_release", conf).state == "success"
     assert store.get("releases/2026.1/manifest.json") == before
     # a different parent for an existing version fails the run
-    assert run_dag("synsetforge_release", {**conf, "parent": "other"}).state == "failed"
+    failed = run_dag("synsetforge_release", {**conf, "parent": "other"})
+    assert failed.state == "failed"
+    assert {(ti.task_id, ti.state, ti.try_number) for ti in failed.get_task_instances()} >= {("build", "failed", 1)}

@@ -217,7 +217,8 @@ def _reconcile_until_settled(ls, store, settings, truth, workers, *, during_firs
         assert run.state == "success", states[-1]
         if rnd == 0 and during_first_run:
             during_first_run.join(timeout=300)
-        if states[-1]["settled"][0] == "success":
+        if states[-1]["settled"][0] == "success":  # published the labels Asset
+            assert len(states) > 1 and all(st["settled"][0] == "skipped" for st in states[:-1])
             return states
         pid = find_project(ls.admin(), f"{settings.crowd.project_prefix} verify")["id"]
         work(workers, pid, truth, seed=rnd)

@@ -9,8 +9,9 @@ export NLTK_DATA := $(CURDIR)/.nltk_data
 setup:
 	@infra/setup.sh
 
+KEEP_RUNNING ?=
 demo: setup
-	@$(PY) -m pipeline.demo
+	@SYNSETFORGE_DEMO_KEEP_RUNNING=$(KEEP_RUNNING) $(PY) -m pipeline.demo
 
 test: setup
 	@$(PY) -m pytest -q

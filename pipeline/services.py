@@ -11,11 +11,13 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 
@@ -104,6 +106,30 @@ def start_service(
         time.sleep(0.5)
     service.stop()
     raise TimeoutError(f"{name} not ready at {service.url}{ready_path} after {timeout:.0f}s:\n{service.log_tail()}")
+
+
+@dataclass
+class ThreadServer:
+    """An HTTP server of this process, serving from a daemon thread (fixtures, the demo's offline API)."""
+
+    server: ThreadingHTTPServer
+    thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def serve_in_thread(server: ThreadingHTTPServer, name: str = "http") -> threading.Thread:
+    """Start `server.serve_forever` in a daemon thread and return the thread."""
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 def start_moto(log_dir: Path) -> Service:

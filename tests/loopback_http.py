@@ -7,12 +7,13 @@ Runs in a daemon thread inside the test process; stopped at fixture teardown.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from pipeline.services import ThreadServer, serve_in_thread
 
 
 @dataclass
@@ -24,20 +25,9 @@ class Request:
 
 
 @dataclass
-class Loopback:
-    server: ThreadingHTTPServer
-    thread: threading.Thread
+class Loopback(ThreadServer):
     handler: Callable[[Request, BaseHTTPRequestHandler], Any] | None = None
     requests: list[Request] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -81,8 +71,7 @@ def start_loopback() -> Loopback:
             pass  # clients hanging up mid-response is what the hostile tests do on purpose
 
     server = Server(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    lb = Loopback(server, thread)
+    lb = Loopback(server, None)  # type: ignore[arg-type]  # the thread is set once the handler can find lb
     box["lb"] = lb
-    thread.start()
+    lb.thread = serve_in_thread(server, "loopback")
     return lb

@@ -60,6 +60,7 @@ class Annotator:
     profile: Profile
     user_id: int = 0
     client: CrowdClient | None = field(default=None, repr=False)
+    judged: set[tuple[str, str]] = field(default_factory=set, repr=False)  # (image_id, wnid) pairs answered
 
 
 def find_user(admin: CrowdClient, email: str) -> int | None:
@@ -162,6 +163,13 @@ def submit(client: CrowdClient, task_id: int, project_id: int, result: list[dict
     return int(resp.json()["id"])
 
 
+def skip(client: CrowdClient, task_id: int, project_id: int) -> int:
+    """Label Studio's Skip button: a cancelled annotation; the task is not offered to this account again."""
+    resp = client.request("POST", f"/api/tasks/{task_id}/annotations/", f"skip task {task_id}",
+                          json={"result": [], "was_cancelled": True, "project": project_id})
+    return int(resp.json()["id"])
+
+
 def work(
     annotators: list[Annotator],
     project_id: int,
@@ -175,6 +183,8 @@ def work(
 
     truth: (image_id, wnid) -> answer. difficulty: wnid -> difficulty class for accuracy_by_difficulty.
     Returns annotations per email. Routing away from flagged workers is the caller's (see `routable`).
+    A verification task for a pair the annotator already judged is skipped, as a person who recognises the image
+    would: QC counts one vote per worker and pair, so a second answer would only waste the task.
     """
     done = {a.email: 0 for a in annotators}
     active = list(annotators)
@@ -191,6 +201,10 @@ def work(
             rng = random.Random(int(hashlib.sha256(f"{seed}|{a.email}|{task['id']}".encode()).hexdigest()[:12], 16))
             # A grid task asks about many images: the worker judges each one, then submits once.
             image_ids = [i for _, i in kind.items(data)] if kind.items is not None else [data["image_id"]]
+            if kind.items is None and (data["image_id"], data["wnid"]) in a.judged:
+                skip(a.client, int(task["id"]), project_id)
+                still.append(a)
+                continue
             answers = {}
             for image_id in image_ids:
                 key = (image_id, data["wnid"])
@@ -201,6 +215,7 @@ def work(
             lead = max(0.5, rng.gauss(a.profile.speed_s, a.profile.speed_s / 4))
             result = kind.render(answers, data) if kind.items is not None else kind.render(answers[image_ids[0]], data)
             submit(a.client, int(task["id"]), project_id, result, round(lead, 3))
+            a.judged.update((i, data["wnid"]) for i in image_ids)
             done[a.email] += 1
             still.append(a)
         active = still

@@ -215,6 +215,9 @@ def crowd(store: Any, settings: Any, server: Any, corpus: Corpus, links: pd.Data
         (project,) = project_ids(admin, settings, ["verify"])
         done = work(routable(annotators, flagged_workers(store), key), project, answer, seed=rnd)
         print(f"{line}; annotators answered {sum(done.values())}", flush=True)
+        if not pushed.get("pushed") and not sum(done.values()):
+            print("  every annotator has judged the pairs QC still asks about; going on with the pending labels")
+            break
     else:
         print(f"  QC still asks for votes after {MAX_CROWD_ROUNDS} rounds; going on with the pending labels")
     labels = store.read_table("labels").to_pandas()

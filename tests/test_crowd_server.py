@@ -282,3 +282,23 @@ def test_label_studio_restarting_during_the_reconcile_loop_ends_as_a_clean_loop(
         }
         assert {(i, w): ("yes" if s == "accepted" else "no") for i, w, s in ends[name]["labels"]} == truth
     assert ends["restarted"] == ends["clean"]
+
+
+def test_a_simulated_annotator_skips_a_pair_it_already_judged(labelstudio):  # noqa: F811
+    """QC counts one vote per worker and pair, so a repeated pair is skipped (Label Studio's Skip) by whoever
+    judged it and answered by someone else; the skip never becomes a vote."""
+    store, settings, client, pid, plan, truth = _setup(labelstudio, 1, 0, gold_rate=0.0)
+    one = plan.assign(n_more=1)
+    a, b = labelstudio.annotators([Profile(accuracy=1.0), Profile(accuracy=1.0)])
+    assert push(store, client, settings, project_id=pid, plan=one)["pushed"] == 1
+    assert work([a], pid, truth) == {a.email: 1}
+    pull(store, client, settings, project_ids=[pid])
+    assert push(store, client, settings, project_id=pid, plan=one)["pushed"] == 1  # a second task, same pair
+    assert work([a], pid, truth) == {a.email: 0}  # skipped: a has judged this pair
+    assert work([b], pid, truth) == {b.email: 1}
+    assert work([a, b], pid, truth) == {a.email: 0, b.email: 0}  # nothing left for either
+    pull(store, client, settings, project_ids=[pid])
+    votes = store.read_table("votes").to_pandas()
+    assert len(votes) == 2 and votes["worker"].nunique() == 2
+    anns = [ann for t in client.export_json(pid) for ann in t["annotations"]]
+    assert sum(bool(x.get("was_cancelled")) for x in anns) == 1

@@ -14,7 +14,9 @@ Runs, each in a fresh subprocess with CPU time taken from getrusage(RUSAGE_CHILD
 2. img2dataset --image_size 256 --resize_mode border --processes_count 2 --thread_count 32
    --number_sample_per_shard 1000 (default: decode, resize, re-encode).
 3. the same with --disable_all_reencoding True.
-Prints a Markdown table: images/s, CPU s per image, and our ratio to each img2dataset mode.
+Prints a Markdown table: images/s, CPU s per image, and our ratio to each img2dataset mode; the 1-minute load
+average when each run started; and, because the machine is shared, a load-independent CPU-bound estimate:
+cores x images / (tool CPU + server CPU), i.e. the rate if tool and server had every core to themselves.
 """
 
 from __future__ import annotations
@@ -133,6 +135,11 @@ def run_ours(urls_file: str, store_dir: str, concurrency: int, per_host: int, pr
           f"rejected={summary['rejected']}", file=sys.stderr)
 
 
+def loadavg() -> str:
+    """1-minute load average: the machine is shared, so each row says how busy it was when the row started."""
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, subprocess.CompletedProcess]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -186,10 +193,10 @@ def main() -> int:
             ("synsetforge ingest (full validation + fingerprints of every body)", ["--no-reuse"], "store-noreuse"),
             ("synsetforge ingest (default: repeated bytes reuse their validation)", [], "store"),
         ):
-            s0 = process_cpu(server.pid)
+            s0, load = process_cpu(server.pid), loadavg()
             wall, cpu, proc = timed([sys.executable, __file__, "--run-ours", str(urls_file), str(work / name),
                                      "--concurrency", str(args.concurrency), "--processes", str(args.processes), *extra])
-            rows.append((label, len(urls), wall, cpu, process_cpu(server.pid) - s0))  # every URL settles as accepted or exact duplicate
+            rows.append((label, len(urls), wall, cpu, process_cpu(server.pid) - s0, load))  # every URL settles as accepted or exact duplicate
             print(proc.stderr.strip().splitlines()[-1], file=sys.stderr)
         if not args.skip_img2dataset:
             i2d = str(BENCH_VENV / "bin" / "img2dataset")
@@ -199,20 +206,23 @@ def main() -> int:
             for label, extra, name in (("img2dataset default (resize 256 border, re-encode)", [], "i2d"),
                                        ("img2dataset --disable_all_reencoding True", ["--disable_all_reencoding", "True"], "i2d-raw")):
                 out = work / name
-                s0 = process_cpu(server.pid)
+                s0, load = process_cpu(server.pid), loadavg()
                 wall, cpu, _ = timed(base + extra + ["--output_folder", str(out)], env={"PYTHONWARNINGS": "ignore"})
-                rows.append((label, count_img2dataset(out), wall, cpu, process_cpu(server.pid) - s0))
+                rows.append((label, count_img2dataset(out), wall, cpu, process_cpu(server.pid) - s0, load))
     finally:
         server.stop()
-    rates = [ok / wall for _l, ok, wall, _c, _s in rows]
+    rates = [ok / wall for _l, ok, wall, _c, _s, _load in rows]
     print(f"\n{len(urls)} URLs ({args.images} distinct JPEGs x {args.repeat} query strings, mean {sum(sizes) / len(sizes) / 1000:.0f} KB),"
-          f" loopback server in its own process, 2 cores\n")
-    print("| tool | images ok | wall s | images/s | CPU ms / image | server CPU s | ours (full) vs this |"
-          " ours (default) vs this |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for (label, ok, wall, cpu, server_cpu), rate in zip(rows, rates, strict=True):
-        print(f"| {label} | {ok} | {wall:.1f} | {rate:.0f} | {cpu / max(ok, 1) * 1000:.2f} | {server_cpu:.1f} | "
-              f"{rates[0] / rate:.2f}x | {rates[1] / rate:.2f}x |")
+          f" loopback server in its own process, {os.cpu_count()} cores; load average at the end {loadavg()}\n")
+    # Load-independent view: images/s if the tool and the server had every core to themselves (CPU-bound).
+    cores = os.cpu_count() or 1
+    caps = [cores * ok / (cpu + server_cpu) for _l, ok, _w, cpu, server_cpu, _load in rows]
+    print("| tool | images ok | wall s | images/s | CPU ms / image | server CPU s | load at start | ours (full) vs this |"
+          f" ours (default) vs this | CPU-bound img/s on {cores} cores | ours (full) vs this, CPU-bound |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (label, ok, wall, cpu, server_cpu, load), rate, cap in zip(rows, rates, caps, strict=True):
+        print(f"| {label} | {ok} | {wall:.1f} | {rate:.0f} | {cpu / max(ok, 1) * 1000:.2f} | {server_cpu:.1f} | {load} | "
+              f"{rates[0] / rate:.2f}x | {rates[1] / rate:.2f}x | {cap:.0f} | {caps[0] / cap:.2f}x |")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -70,3 +70,38 @@ def test_flat_image_is_deterministic_and_thumbs_round_trip() -> None:
 def test_undecodable_bytes_raise() -> None:
     with pytest.raises(OSError):
         decode_for_fingerprint(b"<html>not an image</html>")
+
+
+def _reference_fingerprint(img: Image.Image) -> dict[str, int]:
+    """The one-hash-at-a-time definition (np.median per hash, bits OR-ed one by one) the batched code must equal."""
+    from pipeline.ingest.fingerprint import (
+        _NIBBLE_SHIFTS,
+        HASH_COLUMNS,
+        INNER_MARGINS,
+        THUMB_COLUMNS,
+        _luminance,
+        _resize,
+        phash_from_gray32,
+    )
+
+    gray = _luminance(img)
+    out = {c: phash_from_gray32(_resize(gray, (32, 32), m)) for c, m in zip(HASH_COLUMNS, INNER_MARGINS, strict=True)}
+    t = _resize(gray, (8, 8)).ravel()
+    z = (t - t.mean()) / t.std() if t.std() > 1e-6 else np.zeros_like(t)
+    q = np.clip(np.floor((z + 2.0) / 4.0 * 16), 0, 15).astype(np.uint64)
+    for w, c in enumerate(THUMB_COLUMNS):
+        out[c] = int(np.bitwise_or.reduce(q[w * 16 : (w + 1) * 16] << _NIBBLE_SHIFTS))
+    return out
+
+
+def test_batched_fingerprint_equals_the_per_hash_definition() -> None:
+    # Stored fingerprints must not change with the faster code: photos, flat images (whose hash bits come from
+    # rounding noise, the most fragile case), gradients, odd sizes and modes.
+    rng = np.random.default_rng(3)
+    imgs = [_photo(i) for i in range(6)]
+    imgs += [Image.new("L", (int(rng.integers(1, 90)), int(rng.integers(1, 90))), int(v)) for v in rng.integers(0, 256, 8)]
+    imgs += [Image.new("RGB", (40, 30), (9, 200, 31)), Image.fromarray(np.tile(np.arange(0, 250, 5, dtype=np.uint8), (17, 1)))]
+    imgs += [Image.fromarray(rng.integers(0, 65535, (33, 47)).astype(np.uint16)),
+             Image.fromarray(rng.integers(0, 256, (70, 90, 4)).astype(np.uint8), "RGBA")]
+    for img in imgs:
+        assert fingerprint(img) == _reference_fingerprint(img), (img.mode, img.size)

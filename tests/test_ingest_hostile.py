@@ -140,15 +140,15 @@ def hostile_server():
 @pytest.fixture
 def no_traffic_off_loopback(monkeypatch):
     """Safety net: even a broken guard cannot open a socket to anything but 127.0.0.1 in these tests."""
-    import urllib3.util.connection as conn
+    import socket
 
-    real = conn.create_connection
+    real = socket.create_connection  # the fetcher's only way to open a connection
 
     def guarded(address, *a, **kw):
         assert address[0] == "127.0.0.1", f"test tried to connect to {address}"
         return real(address, *a, **kw)
 
-    monkeypatch.setattr(conn, "create_connection", guarded)
+    monkeypatch.setattr(socket, "create_connection", guarded)
 
 
 def settings_for(tmp_path, **ingest):

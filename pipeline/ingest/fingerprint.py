@@ -86,8 +86,9 @@ def thumb_words(gray: Image.Image) -> list[int]:
     t = _resize(gray, (THUMB_SIDE, THUMB_SIDE)).ravel()
     std = t.std()
     z = (t - t.mean()) / std if std > 1e-6 else np.zeros_like(t)
-    q = np.clip(np.floor((z + 2.0) / 4.0 * THUMB_LEVELS), 0, THUMB_LEVELS - 1).astype(np.uint64)
-    return [int(np.bitwise_or.reduce(q[w * 16 : (w + 1) * 16] << _NIBBLE_SHIFTS)) for w in range(4)]
+    q = np.clip(np.floor((z + 2.0) / 4.0 * THUMB_LEVELS), 0, THUMB_LEVELS - 1).astype(np.uint8)
+    packed = ((q[0::2] << 4) | q[1::2]).tobytes()  # two pixels per byte, first pixel in the high nibble
+    return [int.from_bytes(packed[w * 8 : (w + 1) * 8], "big") for w in range(4)]
 
 
 def unpack_thumbs(words: np.ndarray) -> np.ndarray:
@@ -101,11 +102,20 @@ def fingerprint(img: Image.Image) -> dict[str, int]:
     """Fingerprint columns for one decoded image (any mode; RGB or L expected, others are converted).
 
     Pass the image as it will be stored (EXIF orientation applied). Values are Python ints in [0, 2**64).
+    Same values as :func:`phash_from_gray32` per margin and :func:`thumb_words`, with the four hashes' medians
+    and bit packing done together (this runs once per ingested image).
     """
     gray = _luminance(img)
-    out = {col: phash_from_gray32(_resize(gray, (32, 32), m)) for col, m in zip(HASH_COLUMNS, INNER_MARGINS, strict=True)}
-    for i, w in enumerate(thumb_words(gray)):
-        out[THUMB_COLUMNS[i]] = w
+    d = _dct_matrix(32)
+    coefs = np.empty((len(INNER_MARGINS), 64))
+    for i, m in enumerate(INNER_MARGINS):
+        coefs[i] = (d @ _resize(gray, (32, 32), m) @ d.T)[:8, :8].ravel()  # the same products as phash_from_gray32
+    s = np.sort(coefs, axis=1)
+    median = (s[:, 31] + s[:, 32]) / 2  # what np.median computes for 64 values
+    packed = np.packbits(coefs > median[:, None], axis=1)  # row-major, first coefficient in the top bit
+    out = {col: int.from_bytes(packed[i].tobytes(), "big") for i, col in enumerate(HASH_COLUMNS)}
+    for col, w in zip(THUMB_COLUMNS, thumb_words(gray), strict=True):
+        out[col] = w
     return out
 
 

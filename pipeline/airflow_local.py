@@ -8,9 +8,12 @@ in its own process group and stopped by PID.
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import subprocess
 import sys
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -89,11 +92,21 @@ def failed_tasks(run) -> list[str]:
 
 @dataclass
 class Stack:
-    """api-server + scheduler + dag-processor; `url` is the UI and REST API."""
+    """api-server + scheduler + dag-processor; `url` is the UI and REST API, `username`/`password` its login."""
 
     home: Path
     url: str
+    username: str = "admin"
+    password: str = field(default="", repr=False)
     services: list[Service] = field(default_factory=list)
+
+    def token(self) -> str:
+        """A JWT for the REST API (`Authorization: Bearer ...`), as the UI gets one at login."""
+        req = urllib.request.Request(f"{self.url}/auth/token", method="POST",
+                                     data=json.dumps({"username": self.username, "password": self.password}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())["access_token"]
 
     def stop(self) -> None:
         for service in reversed(self.services):
@@ -101,15 +114,22 @@ class Stack:
 
 
 def start_stack(home: Path | str, *, env: dict[str, str] | None = None, port: int | None = None,
-                log_dir: Path | None = None, timeout: float = 240.0) -> Stack:
+                password: str | None = None, log_dir: Path | None = None, timeout: float = 240.0) -> Stack:
     """Start the UI stack on 127.0.0.1 for `home` (its SQLite metadata DB is migrated first).
 
     `env` adds variables for every process (e.g. SYNSETFORGE__STORE__URL for asset-triggered runs, which get no
-    Params from the run that triggered them). The simple auth manager makes everyone admin: loopback only.
+    Params from the run that triggered them). Airflow's simple auth manager asks for a login: user `admin` with
+    `password` (a new random one if None), kept in the home's passwords file.
     """
     home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
     log_dir = log_dir or home / "logs"
-    full = {**airflow_env(home), "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+    password = password or secrets.token_urlsafe(12)
+    passwords = home / "simple_auth_manager_passwords.json"
+    passwords.write_text(json.dumps({"admin": password}))
+    passwords.chmod(0o600)
+    full = {**airflow_env(home), "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
             "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5", **(env or {})}
     port = port or free_port()
@@ -117,7 +137,7 @@ def start_stack(home: Path | str, *, env: dict[str, str] | None = None, port: in
     full["AIRFLOW__API__BASE_URL"] = url
     full["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = f"{url}/execution/"
     migrate(full)
-    stack = Stack(home, url)
+    stack = Stack(home, url, password=password)
     try:
         stack.services.append(start_service(
             "airflow-api-server", [airflow_bin(), "api-server", "-H", "127.0.0.1", "-p", str(port), "-w", "1"],
@@ -165,7 +185,7 @@ def _cli_up(args: Any, settings: Any) -> int:
     print(f"starting Airflow (home {home}) ...", flush=True)
     stack = start_stack(home, env=env, port=args.port or None)
     try:
-        print(f"Airflow UI:  {stack.url}   (local only; every visitor is admin)")
+        print(f"Airflow UI:  {stack.url}   user {stack.username}   password {stack.password}")
         print(f"store:       {store}")
         for s in stack.services:
             print(f"  {s.name:22s} pid {s.pid}  log {s.log_path}")

@@ -11,6 +11,7 @@ import json
 import shutil
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -43,9 +44,10 @@ def make_corpus(folder: Path) -> None:
     (folder / WNIDS[3] / "junk.jpg").write_bytes(b"<html>not an image</html>")
 
 
-def api(url: str, method: str = "GET", body: dict | None = None) -> dict:
+def api(url: str, method: str = "GET", body: dict | None = None, token: str | None = None) -> dict:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
+                                 headers=headers)
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read() or b"{}")
 
@@ -66,23 +68,34 @@ def world(artifacts_dir):
     }
     stack = start_stack(tmp / "airflow", env=env, log_dir=artifacts_dir / "airflow-stack")
     try:
-        yield {"tmp": tmp, "url": stack.url, "stack": stack}
+        yield {"tmp": tmp, "url": stack.url, "stack": stack, "token": stack.token()}
     finally:
         stack.stop()
         assert all(s.process.poll() is not None for s in stack.services)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def runs_of(url: str, dag_id: str) -> list[dict]:
-    return api(f"{url}/api/v2/dags/{dag_id}/dagRuns?order_by=-run_after")["dag_runs"]
+def runs_of(url: str, dag_id: str, token: str) -> list[dict]:
+    return api(f"{url}/api/v2/dags/{dag_id}/dagRuns?order_by=-run_after", token=token)["dag_runs"]
 
 
-def wait_for_run(url: str, dag_id: str, timeout: float, run_type: str | None = None) -> dict:
+def wait_for_run(url: str, dag_id: str, token: str, timeout: float, run_type: str | None = None) -> dict:
     def finished():
-        runs = [r for r in runs_of(url, dag_id) if run_type is None or r["run_type"] == run_type]
+        runs = [r for r in runs_of(url, dag_id, token) if run_type is None or r["run_type"] == run_type]
         return runs[0] if runs and runs[0]["state"] in ("success", "failed") else None
 
     return wait_until(finished, timeout=timeout, what=f"a finished {dag_id} run")
+
+
+def login_to_airflow(driver, url: str, username: str, password: str) -> None:
+    """Through the sign-in form, as a data engineer would."""
+    driver.get(url)
+    user = wait_until(lambda: driver.find_element("css selector", "input[name=username], input[type=text]"),
+                      timeout=90, what="the sign-in form")
+    user.send_keys(username)
+    driver.find_element("css selector", "input[type=password]").send_keys(password)
+    driver.find_element("css selector", "button[type=submit]").click()
+    wait_until(lambda: "login" not in driver.current_url, timeout=90, what="leaving the sign-in page")
 
 
 def table_rows(store, name: str) -> list[tuple]:
@@ -92,22 +105,26 @@ def table_rows(store, name: str) -> list[tuple]:
 
 def test_scheduler_runs_the_chain_in_parallel_survives_a_killed_worker_and_matches_a_serial_run(
         world, airflow_db, browser, artifacts_dir):
-    url, tmp = world["url"], world["tmp"]
-    wait_until(lambda: {d["dag_id"] for d in api(f"{url}/api/v2/dags")["dags"]} >= {
+    url, tmp, token = world["url"], world["tmp"], world["token"]
+    with pytest.raises(urllib.error.HTTPError, match="401"):  # the API wants the login's token
+        api(f"{url}/api/v2/dags")
+    wait_until(lambda: {d["dag_id"] for d in api(f"{url}/api/v2/dags", token=token)["dags"]} >= {
         "synsetforge_vocabulary", "synsetforge_collect"} or None, timeout=180, what="the DAGs parsed")
     for dag_id in ("synsetforge_vocabulary", "synsetforge_collect"):  # new DAGs start paused
-        assert api(f"{url}/api/v2/dags/{dag_id}", "PATCH", {"is_paused": False})["is_paused"] is False
+        assert api(f"{url}/api/v2/dags/{dag_id}", "PATCH", {"is_paused": False}, token)["is_paused"] is False
 
     store_dir = tmp / "store"
     triggered = api(f"{url}/api/v2/dags/synsetforge_vocabulary/dagRuns", "POST",
-                    {"logical_date": None, "conf": {"wnid_file": str(tmp / "classes.txt"), "store": str(store_dir)}})
+                    {"logical_date": None, "conf": {"wnid_file": str(tmp / "classes.txt"), "store": str(store_dir)}},
+                    token)
     assert triggered["state"] == "queued" and triggered["conf"]["store"] == str(store_dir)
-    vocab = wait_for_run(url, "synsetforge_vocabulary", 300)
+    vocab = wait_for_run(url, "synsetforge_vocabulary", token, 300)
     assert vocab["state"] == "success", vocab
-    collect = wait_for_run(url, "synsetforge_collect", 900, run_type="asset_triggered")
+    collect = wait_for_run(url, "synsetforge_collect", token, 900, run_type="asset_triggered")
     assert collect["state"] == "success", collect
 
-    tis = api(f"{url}/api/v2/dags/synsetforge_collect/dagRuns/{collect['dag_run_id']}/taskInstances?limit=100")
+    tis = api(f"{url}/api/v2/dags/synsetforge_collect/dagRuns/{collect['dag_run_id']}/taskInstances?limit=100",
+              token=token)
     by_task: dict[str, list[dict]] = {}
     for ti in tis["task_instances"]:
         by_task.setdefault(ti["task_id"], []).append(ti)
@@ -136,6 +153,7 @@ def test_scheduler_runs_the_chain_in_parallel_survives_a_killed_worker_and_match
     for name in ("candidates", "images", "image_links"):
         assert table_rows(parallel, name) == table_rows(serial, name), f"{name} differs from the serial run"
 
+    login_to_airflow(browser, url, world["stack"].username, world["stack"].password)
     browser.get(f"{url}/dags/synsetforge_collect/runs/{collect['dag_run_id']}")
     wait_until(lambda: "ingest_shard" in browser.find_element("tag name", "body").text or None, timeout=90,
                what="the grid of the collect run")
@@ -167,6 +185,8 @@ def test_synsetforge_airflow_up_serves_the_ui_and_stops_every_process_on_ctrl_c(
         pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
         assert len(pids) == 3 and f"store:       {tmp_path / 'store'}" in out
         assert api(f"{url}/api/v2/monitor/health")["metadatabase"]["status"] == "healthy"
+        password = re.search(r"user admin\s+password (\S+)", out).group(1)
+        assert json.loads((tmp_path / "home" / "simple_auth_manager_passwords.json").read_text()) == {"admin": password}
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
         assert proc.wait(120) == 0 and "stopped." in proc.stdout.read()
     finally:

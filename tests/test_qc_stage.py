@@ -126,3 +126,25 @@ def test_one_grid_annotation_gives_one_vote_per_image():
     votes["annotation_id"] = 7  # one grid annotation covering the three images
     cleaned = clean_votes(pd.concat([votes, votes.head(1)], ignore_index=True))
     assert sorted(cleaned["image_id"]) == sorted(votes["image_id"])
+
+
+def test_push_plan_asks_about_the_undecided_pairs_across_several_synsets():
+    """Labels are sorted by (wnid, image_id), the model's decisions by task key: each pair's n_more must stay
+    with that pair. Images whose id order is the reverse of their synset order make a mix-up visible."""
+    from pipeline.qc.stage import aggregate
+
+    settings = load_settings(env={})
+    wnids = ["n00000003", "n00000002", "n00000001"]
+    images = [f"{i:064x}" for i in range(3)]  # image 0 -> the largest wnid, and so on
+    rows, aid = [], 0
+    for img, wnid, answers in zip(images, wnids, (["yes", "no"], ["yes"] * 8, ["no"] * 8), strict=True):
+        for w, ans in enumerate(answers):
+            aid += 1
+            rows.append({"annotation_id": aid, "task_id": aid, "image_id": img, "wnid": wnid, "worker": f"w{w}",
+                         "answer": ans, "is_gold": False, "lead_time_s": 1.0,
+                         "submitted_at": datetime(2026, 1, 1, tzinfo=UTC)})
+    labels, _, plan, _ = aggregate(pd.DataFrame(rows), pd.DataFrame(), None, settings.qc)
+    status = dict(zip(labels["image_id"], labels["status"], strict=True))
+    assert status == {images[0]: "pending", images[1]: "accepted", images[2]: "rejected"}
+    assert plan[["image_id", "wnid"]].values.tolist() == [[images[0], wnids[0]]]
+    assert plan["n_votes"].tolist() == [2] and "n_more" not in labels.columns

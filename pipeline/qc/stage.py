@@ -91,10 +91,12 @@ def aggregate(votes: pd.DataFrame, tasks: pd.DataFrame, pairs: pd.DataFrame | No
     ids = split_task_key(dec.index)
     labels = pd.DataFrame({"image_id": ids["image_id"], "wnid": ids["wnid"], "status": dec["status"].to_numpy(),
                            "n_votes": dec["n_votes"].to_numpy(np.int32), "n_yes": dec["n_yes"].to_numpy(np.int32),
-                           "confidence": dec["p_yes"].to_numpy(np.float64), "method": METHOD})
+                           "confidence": dec["p_yes"].to_numpy(np.float64), "method": METHOD,
+                           # decided here, in dec's row order: sorting first would hand them to other pairs
+                           "n_more": dec["n_more"].to_numpy(np.int32), "reason": dec["reason"].to_numpy()})
     labels = labels.sort_values(["wnid", "image_id"], kind="stable").reset_index(drop=True)
-    plan = labels.assign(n_more=dec["n_more"].to_numpy(np.int32), reason=dec["reason"].to_numpy())
-    plan = plan[plan["n_more"] > 0]
+    plan = labels[labels["n_more"] > 0]
+    labels = labels.drop(columns=["n_more", "reason"])
     push_plan = pd.DataFrame({"image_id": plan["image_id"], "wnid": plan["wnid"], "n_more": plan["n_more"],
                               "reason": plan["reason"], "n_votes": plan["n_votes"], "confidence": plan["confidence"]}
                              ).reset_index(drop=True)

@@ -197,9 +197,12 @@ def crowd(store: Any, settings: Any, server: Any, corpus: Corpus, links: pd.Data
     answer = {(r.image_id, r.wnid): ("yes" if corpus.truth[r.name]["wnid"] == r.wnid else "no")
               for r in links.itertuples()}
     admin = CrowdClient(server.url, server.token)
-    profiles = [Profile(accuracy=a) for a in (0.95, 0.93, 0.92, 0.9, 0.88)] + [Profile(kind="spammer")]
+    # As many people as QC's vote cap per image (10): each votes once per pair, so every pair can reach the cap.
+    careful = (0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.9, 0.89, 0.88)
+    profiles = [Profile(accuracy=a) for a in careful] + [Profile(kind="spammer")]
     annotators = make_annotators(admin, profiles)
-    print(f"  annotators: 5 careful (88-95 % accurate), 1 spammer: {', '.join(a.email for a in annotators)}", flush=True)
+    print(f"  annotators: {len(careful)} careful (88-95 % accurate), 1 spammer: "
+          f"{', '.join(a.email for a in annotators)}", flush=True)
     key = settings.crowd.pseudonym_key.get_secret_value().encode()
     for rnd in range(1, MAX_CROWD_ROUNDS + 1):
         t0 = time.perf_counter()

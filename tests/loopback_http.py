@@ -34,6 +34,20 @@ def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = 
     return status, {"Content-Type": "application/json", **(headers or {})}, json.dumps(doc).encode()
 
 
+def drip(h: BaseHTTPRequestHandler, chunk: bytes, times: int = 40, every_s: float = 0.1) -> None:
+    """Write `chunk` `times` times, `every_s` apart (a slow server), then close; the client may hang up first."""
+    import time
+
+    try:
+        for _ in range(times):
+            h.wfile.write(chunk)
+            h.wfile.flush()
+            time.sleep(every_s)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    h.close_connection = True
+
+
 def start_loopback() -> Loopback:
     box: dict[str, Loopback] = {}
 

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from loopback_http import start_loopback
+from loopback_http import drip, start_loopback
 from PIL import Image
 
 from pipeline.ingest.fetch import FetchConfig, Fetcher
@@ -190,15 +190,8 @@ def test_keep_alive_reuses_a_connection_and_recovers_when_the_server_drops_it(lb
 
 def test_a_dripped_response_head_hits_the_total_deadline(lb):
     def handler(req, h):
-        try:
-            h.wfile.write(b"HTTP/1.1 200 OK\r\n")
-            for _ in range(40):
-                h.wfile.write(b"X-Slow: 1\r\n")
-                h.wfile.flush()
-                time.sleep(0.1)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        h.close_connection = True
+        h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        drip(h, b"X-Slow: 1\r\n")
 
     lb.handler = handler
     t0 = time.monotonic()

@@ -6,14 +6,13 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
-import time
 import zlib
 from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
 import pytest
-from loopback_http import start_loopback
+from loopback_http import drip, start_loopback
 from PIL import Image
 
 from pipeline.config import load_settings
@@ -109,14 +108,7 @@ def hostile_server():
             h.send_response(200)
             h.send_header("Content-Length", "100000")
             h.end_headers()
-            try:
-                for _ in range(40):  # one byte per 0.1 s: every read is quick, the whole is not
-                    h.wfile.write(b"\xff")
-                    h.wfile.flush()
-                    time.sleep(0.1)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            h.close_connection = True
+            drip(h, b"\xff")  # one byte per 0.1 s: every read is quick, the whole is not
             return None
         if p == "/to-private":
             return 302, {"Location": "http://10.0.0.1/secret.jpg"}, b""

@@ -11,10 +11,9 @@ on a machine with no Label Studio configured. The release that follows is starte
 
 from __future__ import annotations
 
-import pendulum
-from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+from airflow.sdk import Asset, dag, task
 
-from pipeline.dagtools import CROWD_SCHEDULE, DEFAULT_ARGS, SERVER_RETRIES, fail_fast
+from pipeline.dagtools import DAG_DEFAULTS, SERVER_RETRIES, fail_fast, label_studio_params, loop_schedule
 
 BOX_TASKS = Asset("synsetforge://tables/box_tasks")
 BOX_ANSWERS = Asset("synsetforge://tables/box_answers")
@@ -22,32 +21,29 @@ BOXES = Asset("synsetforge://tables/boxes")
 COVERAGE = Asset("synsetforge://tables/coverage")
 
 
+def _settings(params):
+    from pipeline.dagtools import settings_from_params
+
+    return settings_from_params(params, "crowd", ["url", "project_prefix", "files_root"])
+
+
 def _ctx(params):
     from crowd.boxes import admin_from_settings
     from pipeline.boxes import box_settings
-    from pipeline.dagtools import settings_from_params
     from pipeline.store import store_from_settings
 
-    settings = settings_from_params(params, "crowd", ["url", "project_prefix", "files_root"])
+    settings = _settings(params)
     store = store_from_settings(settings)
     return settings, store, admin_from_settings(settings), box_settings(settings)
 
 
 @dag(
     dag_id="synsetforge_boxes",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(CROWD_SCHEDULE, timezone="UTC"),
-                                 assets=Asset("synsetforge://tables/labels")),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
+    schedule=loop_schedule("synsetforge://tables/labels"),
+    **DAG_DEFAULTS,
     max_active_runs=1,  # two loops at once would race on the tables
-    default_args=DEFAULT_ARGS,
     tags=["synsetforge", "boxes"],
-    params={
-        "store": Param(None, type=["null", "string"], description="store URL; default from configuration"),
-        "url": Param(None, type=["null", "string"], description="Label Studio URL; default crowd.url"),
-        "project_prefix": Param(None, type=["null", "string"]),
-        "files_root": Param(None, type=["null", "string"], description="Label Studio LOCAL_FILES_DOCUMENT_ROOT"),
-    },
+    params=label_studio_params(),
     doc_md=__doc__,
 )
 def synsetforge_boxes():
@@ -55,11 +51,9 @@ def synsetforge_boxes():
     @fail_fast
     def provision(params=None, dag_run=None) -> dict:
         from crowd.boxes import provision_boxes
-        from pipeline.dagtools import settings_from_params, skip
+        from pipeline.dagtools import skip_scheduled_run_without_crowd
 
-        if dag_run is not None and dag_run.run_type != "manual":
-            if settings_from_params(params, "crowd", ["url"]).crowd.url is None:
-                skip("no Label Studio configured (crowd.url); nothing to reconcile")
+        skip_scheduled_run_without_crowd(_settings(params), dag_run)  # before _ctx: it connects to Label Studio
         settings, store, client, policy = _ctx(params)
         return provision_boxes(client, settings, store, policy)
 

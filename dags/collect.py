@@ -11,10 +11,9 @@ Started by the `synsets` Asset (a finished vocabulary run) or by hand; `images` 
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
-from pipeline.dagtools import DEFAULT_ARGS, SERVER_RETRIES, fail_fast
+from pipeline.dagtools import DAG_DEFAULTS, SERVER_RETRIES, fail_fast, store_param
 
 CANDIDATES = Asset("synsetforge://tables/candidates")
 IMAGES = Asset("synsetforge://tables/images")
@@ -39,9 +38,7 @@ def _settings(params):
 @dag(
     dag_id="synsetforge_collect",
     schedule=[Asset("synsetforge://tables/synsets")],
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    default_args=DEFAULT_ARGS,
+    **DAG_DEFAULTS,
     tags=["synsetforge"],
     max_active_tasks=4,
     params={
@@ -57,7 +54,7 @@ def _settings(params):
         "concurrency": Param(None, type=["null", "integer"], minimum=1, description="downloads in flight per task"),
         "per_host": Param(None, type=["null", "integer"], minimum=1, description="downloads in flight per host"),
         "allowed_networks": Param([], type="array", description="CIDRs fetched although private (tests: 127.0.0.0/8)"),
-        "store": Param(None, type=["null", "string"], description="store URL; default from configuration"),
+        "store": store_param(),
     },
     doc_md=__doc__,
 )

@@ -12,10 +12,9 @@ The Label Studio URL comes from the configuration or the `url` Param; the token 
 
 from __future__ import annotations
 
-import pendulum
-from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+from airflow.sdk import Asset, Param, dag, task
 
-from pipeline.dagtools import CROWD_SCHEDULE, DEFAULT_ARGS, SERVER_RETRIES, fail_fast
+from pipeline.dagtools import DAG_DEFAULTS, SERVER_RETRIES, fail_fast, label_studio_params, loop_schedule
 
 VOTES = Asset("synsetforge://tables/votes")
 TASKS = Asset("synsetforge://tables/tasks")
@@ -37,18 +36,12 @@ def _client_and_store(settings):
 
 @dag(
     dag_id="synsetforge_crowd",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(CROWD_SCHEDULE, timezone="UTC"),
-                                 assets=Asset("synsetforge://tables/images")),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
+    schedule=loop_schedule("synsetforge://tables/images"),
+    **DAG_DEFAULTS,
     max_active_runs=1,  # two loops at once would race on the tables
-    default_args=DEFAULT_ARGS,
     tags=["synsetforge", "crowd"],
     params={
-        "store": Param(None, type=["null", "string"], description="store URL; default from configuration"),
-        "url": Param(None, type=["null", "string"], description="Label Studio URL; default crowd.url"),
-        "project_prefix": Param(None, type=["null", "string"]),
-        "files_root": Param(None, type=["null", "string"], description="Label Studio LOCAL_FILES_DOCUMENT_ROOT"),
+        **label_studio_params(),
         "gold_rate": Param(None, type=["null", "number"], minimum=0, maximum=0.9),
         "kind": Param("verify", type="string"),
     },
@@ -60,11 +53,10 @@ def synsetforge_crowd():
     def pull_votes(params=None, dag_run=None) -> dict:
         from crowd.cli import project_ids
         from crowd.pull import pull
-        from pipeline.dagtools import skip
+        from pipeline.dagtools import skip_scheduled_run_without_crowd
 
         settings = _settings(params)
-        if settings.crowd.url is None and dag_run is not None and dag_run.run_type != "manual":
-            skip("no Label Studio configured (crowd.url); nothing to reconcile")
+        skip_scheduled_run_without_crowd(settings, dag_run)
         client, store = _client_and_store(settings)
         return pull(store, client, settings, project_ids=project_ids(client, settings, [params["kind"]]))
 

@@ -6,10 +6,9 @@ A retry after the manifest was written finds the release there and goes on (same
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
-from pipeline.dagtools import DEFAULT_ARGS, fail_fast
+from pipeline.dagtools import DAG_DEFAULTS, fail_fast, store_param
 
 RELEASES = Asset("synsetforge://releases")
 _FIELDS = ["val_per_class", "test_per_class", "neardup_check"]
@@ -18,9 +17,7 @@ _FIELDS = ["val_per_class", "test_per_class", "neardup_check"]
 @dag(
     dag_id="synsetforge_release",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    default_args=DEFAULT_ARGS,
+    **DAG_DEFAULTS,
     tags=["synsetforge"],
     params={
         "version": Param(type="string", minLength=1, maxLength=64, pattern="^[A-Za-z0-9][A-Za-z0-9._-]*$",
@@ -29,7 +26,7 @@ _FIELDS = ["val_per_class", "test_per_class", "neardup_check"]
         "val_per_class": Param(None, type=["null", "integer"], minimum=0),
         "test_per_class": Param(None, type=["null", "integer"], minimum=0),
         "neardup_check": Param(None, type=["null", "boolean"], description="drop train near-duplicates of val/test"),
-        "store": Param(None, type=["null", "string"], description="store URL; default from configuration"),
+        "store": store_param(),
     },
     doc_md=__doc__,
 )

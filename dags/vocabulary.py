@@ -4,10 +4,9 @@ starts synsetforge_collect, carrying this run's store along."""
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
-from pipeline.dagtools import DEFAULT_ARGS, fail_fast
+from pipeline.dagtools import DAG_DEFAULTS, fail_fast, store_param
 
 SYNSETS = Asset("synsetforge://tables/synsets")
 
@@ -15,9 +14,7 @@ SYNSETS = Asset("synsetforge://tables/synsets")
 @dag(
     dag_id="synsetforge_vocabulary",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    default_args=DEFAULT_ARGS,
+    **DAG_DEFAULTS,
     tags=["synsetforge"],
     params={
         "roots": Param([], type="array", description="root wnids or synset names, e.g. n02084071"),
@@ -25,7 +22,7 @@ SYNSETS = Asset("synsetforge://tables/synsets")
         "leaves_only": Param(False, type="boolean"),
         "wnid_file": Param(None, type=["null", "string"], description="file with one wnid per line"),
         "exclude": Param([], type="array"),
-        "store": Param(None, type=["null", "string"], description="store URL; default from configuration"),
+        "store": store_param(),
     },
     doc_md=__doc__,
 )

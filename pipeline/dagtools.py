@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pipeline.config import Settings, load_settings
@@ -19,7 +19,43 @@ DEFAULT_ARGS: dict[str, Any] = {
 }
 # Tasks that talk to Label Studio or search APIs get more attempts: those outages are the common case.
 SERVER_RETRIES: dict[str, Any] = {"retries": 4}
+# What every DAG of the project shares: no backfill of past intervals, the retries above.
+DAG_DEFAULTS: dict[str, Any] = {"start_date": datetime(2026, 1, 1, tzinfo=UTC), "catchup": False,
+                                "default_args": DEFAULT_ARGS}
 CROWD_SCHEDULE = "*/10 * * * *"  # the reconcile loops look for new answers this often (and on their Asset)
+
+
+def store_param() -> Any:
+    from airflow.sdk import Param
+
+    return Param(None, type=["null", "string"], description="store URL; default from configuration")
+
+
+def label_studio_params() -> dict[str, Any]:
+    """The Params of a DAG that works in Label Studio (the crowd and box loops)."""
+    from airflow.sdk import Param
+
+    return {
+        "store": store_param(),
+        "url": Param(None, type=["null", "string"], description="Label Studio URL; default crowd.url"),
+        "project_prefix": Param(None, type=["null", "string"]),
+        "files_root": Param(None, type=["null", "string"], description="Label Studio LOCAL_FILES_DOCUMENT_ROOT"),
+    }
+
+
+def loop_schedule(asset_uri: str) -> Any:
+    """A reconcile loop runs every CROWD_SCHEDULE and whenever the stage before it publishes `asset_uri`."""
+    from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable
+
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(CROWD_SCHEDULE, timezone="UTC"),
+                               assets=Asset(asset_uri))
+
+
+def skip_scheduled_run_without_crowd(settings: Settings, dag_run: Any) -> None:
+    """A scheduled or asset-triggered loop run on a machine with no Label Studio configured ends as skipped;
+    a run started by hand goes on, and fails saying what is missing."""
+    if settings.crowd.url is None and dag_run is not None and dag_run.run_type != "manual":
+        skip("no Label Studio configured (crowd.url); nothing to reconcile")
 
 
 def settings_from_params(params: Mapping[str, Any] | None, section: str, names: Sequence[str]) -> Settings:

@@ -135,3 +135,12 @@ def wait_until(fn, timeout: float = 120.0, what: str = "condition"):
             last = exc
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what} (last error: {last})")
+
+
+def wait_for_text(driver, *texts: str, timeout: float = 60.0) -> str:
+    """The page's text once it contains every one of `texts` (pages render asynchronously)."""
+    def body():
+        page = driver.find_element("tag name", "body").text
+        return page if all(t in page for t in texts) else None
+
+    return wait_until(body, timeout, f"{texts} on the page")

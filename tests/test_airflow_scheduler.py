@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_dag, wait_until
+from conftest import ROOT, run_dag, wait_for_text, wait_until
 from PIL import Image
 
 from pipeline.airflow_local import start_stack
@@ -155,11 +154,8 @@ def test_scheduler_runs_the_chain_in_parallel_survives_a_killed_worker_and_match
 
     login_to_airflow(browser, url, world["stack"].username, world["stack"].password)
     browser.get(f"{url}/dags/synsetforge_collect/runs/{collect['dag_run_id']}")
-    wait_until(lambda: "ingest_shard" in browser.find_element("tag name", "body").text or None, timeout=90,
-               what="the grid of the collect run")
-    time.sleep(2)  # let the grid's cells finish drawing
-    body = browser.find_element("tag name", "body").text
-    assert "merge_images" in body and "Success" in body
+    body = wait_for_text(browser, "ingest_shard", "merge_images", "Success", timeout=90)
+    assert "synsetforge_collect" in body
     browser.save_screenshot(str(artifacts_dir / "airflow-grid.png"))
     shutil.copy(artifacts_dir / "airflow-grid.png", ROOT / "docs" / "airflow-grid.png")
 

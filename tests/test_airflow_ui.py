@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_dag
+from conftest import ROOT, run_dag, wait_for_text
 
 from pipeline.services import free_port, start_service
 
@@ -31,17 +30,6 @@ def airflow_ui(airflow_db, artifacts_dir):
     yield service.url
     service.stop()
     assert service.process.poll() is not None
-
-
-def wait_for_text(driver, text: str, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    body = ""
-    while time.monotonic() < deadline:
-        body = driver.find_element("tag name", "body").text
-        if text in body:
-            return body
-        time.sleep(0.5)
-    raise AssertionError(f"{text!r} never appeared; page text:\n{body[:2000]}")
 
 
 def test_airflow_ui_shows_dags_params_and_a_successful_run(airflow_ui, browser, tmp_path, artifacts_dir):

@@ -9,9 +9,9 @@ reaches `box_answers`. Screenshots go to test-artifacts/ and docs/.
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
+from conftest import wait_until
 from fixtures_labelstudio import ROOT, browser_login, labelstudio  # noqa: F401
 
 from crowd.boxes import provision_boxes, sync, work_boxes
@@ -25,17 +25,8 @@ CAREFUL = [WorkerProfile(f"careful-{i}", jitter=0.005, p_sloppy=0.0, p_wrong=0.0
 
 
 def wait_for(driver, script: str, timeout: float = 90.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = driver.execute_script(script)
-        except Exception as exc:  # noqa: BLE001 - page still loading
-            last = exc
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what or script}: last {last!r}")
+    """Poll a script in the page until it returns something truthy (the labeling UI renders asynchronously)."""
+    return wait_until(lambda: driver.execute_script(script), timeout, what or script)
 
 
 ANNOTATION = "return window.Htx && Htx.annotationStore && Htx.annotationStore.selected"
@@ -64,6 +55,19 @@ def submit(driver) -> None:
     buttons = [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip().lower() in ("submit", "update")]
     assert buttons, "no Submit button on the labeling page"
     buttons[0].click()
+
+
+def submit_and_pull(driver, store, settings, admin, kind: str, seen: int):
+    """Submit in the browser, then sync until an answer of `kind` newer than annotation `seen` is in the store."""
+    submit(driver)
+
+    def pulled():
+        sync(store, settings, client=admin)
+        answers = store.read_table("box_answers").to_pandas()
+        answers = answers[(answers["kind"] == kind) & (answers["annotation_id"] > seen)]
+        return answers.sort_values("annotation_id").iloc[-1].to_dict() if len(answers) else None
+
+    return wait_until(pulled, 60, f"the submitted {kind} answer")
 
 
 def advance(store, settings, admin, workers, projects, truth, until, max_rounds=12):
@@ -148,11 +152,7 @@ def test_annotator_draws_verifies_and_checks_coverage_in_chromium(labelstudio, b
     ActionChains(browser).send_keys("1").perform()
     browser.save_screenshot(str(artifacts_dir / "boxes-quality.png"))
     shutil.copy(artifacts_dir / "boxes-quality.png", docs / "annotator-box-quality.png")
-    submit(browser)
-    time.sleep(2)
-    sync(store, settings, client=admin)
-    q = store.read_table("box_answers").to_pandas()
-    q = q[(q["kind"] == "quality")].sort_values("annotation_id").iloc[-1]
+    q = submit_and_pull(browser, store, settings, admin, "quality", int(mine["annotation_id"]))
     assert q["answer"] == "yes"
 
     # the API workers finish: the dragged box is not around an object, so they reject it and box the second
@@ -167,9 +167,6 @@ def test_annotator_draws_verifies_and_checks_coverage_in_chromium(labelstudio, b
     browser.find_element(By.XPATH, "//*[normalize-space(text())='yes']").click()
     browser.save_screenshot(str(artifacts_dir / "boxes-coverage.png"))
     shutil.copy(artifacts_dir / "boxes-coverage.png", docs / "annotator-box-coverage.png")
-    submit(browser)
-    time.sleep(2)
-    sync(store, settings, client=admin)
-    c = store.read_table("box_answers").to_pandas()
-    c = c[c["kind"] == "coverage"].sort_values("annotation_id").iloc[-1]
+    latest = int(store.read_table("box_answers").to_pandas()["annotation_id"].max())
+    c = submit_and_pull(browser, store, settings, admin, "coverage", latest)
     assert c["answer"] == "yes"

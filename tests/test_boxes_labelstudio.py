@@ -17,11 +17,15 @@ CAREFUL = [WorkerProfile(f"careful-{i}", jitter=0.01, p_sloppy=0.0, p_wrong=0.0,
                          coverage_error=0.0) for i in range(3)]
 
 
+def box_world(ls, n_images: int, seed: int):
+    """A fresh store under the server's files root holding `n_images` generated images with their true boxes."""
+    store = ls.new_store()
+    pairs, truth = write_world(store, *make_truth(n_images, seed=seed))
+    return store, pairs, truth, ls.settings(store)
+
+
 def test_three_simulated_workers_box_a_handful_of_images(labelstudio):  # noqa: F811
-    store = labelstudio.new_store()
-    pairs, truth = make_truth(4, seed=21)
-    pairs, truth = write_world(store, pairs, truth)
-    settings = labelstudio.settings(store)
+    store, pairs, truth, settings = box_world(labelstudio, 4, seed=21)
     admin = labelstudio.admin()
     policy = BoxesSettings()
 
@@ -67,10 +71,7 @@ def test_three_simulated_workers_box_a_handful_of_images(labelstudio):  # noqa: 
 def test_unusable_drawing_is_recorded_with_its_reason_and_redrawn(labelstudio):  # noqa: F811
     from crowd.simulate import next_task, submit
 
-    store = labelstudio.new_store()
-    pairs, truth = make_truth(1, seed=5)
-    pairs, truth = write_world(store, pairs, truth)
-    settings = labelstudio.settings(store)
+    store, pairs, truth, settings = box_world(labelstudio, 1, seed=5)
     admin = labelstudio.admin()
     sync(store, settings, client=admin)
     (worker,) = labelstudio.annotators([Profile()])
@@ -93,10 +94,7 @@ def test_boxes_dag_runs_the_reconcile_loop(labelstudio, airflow_db, monkeypatch)
 
     from crowd.boxes import run_until_done
 
-    store = labelstudio.new_store()
-    pairs, truth = make_truth(2, seed=8)
-    pairs, truth = write_world(store, pairs, truth)
-    settings = labelstudio.settings(store)
+    store, pairs, truth, settings = box_world(labelstudio, 2, seed=8)
     for k, v in {"TOKEN": labelstudio.token, "PSEUDONYM_KEY": "test-pseudonym-key"}.items():
         monkeypatch.setenv(f"SYNSETFORGE__CROWD__{k}", v)
     conf = {"store": str(store.root), "url": labelstudio.url, "project_prefix": settings.crowd.project_prefix,

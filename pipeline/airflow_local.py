@@ -143,24 +143,15 @@ def start_stack(home: Path | str, *, env: dict[str, str] | None = None, port: in
             "airflow-api-server", [airflow_bin(), "api-server", "-H", "127.0.0.1", "-p", str(port), "-w", "1"],
             url=url, ready_path="/api/v2/monitor/health", env=full, log_path=log_dir / "api-server.log",
             timeout=timeout))
-        stack.services.append(_start_daemon(["dag-processor"], full, log_dir))
+        stack.services.append(start_service("airflow-dag-processor", [airflow_bin(), "dag-processor"], url="",
+                                            env=full, log_path=log_dir / "dag-processor.log"))
         # LocalExecutor task logs are files the api-server reads; no log server listening on every interface.
-        stack.services.append(_start_daemon(["scheduler", "--skip-serve-logs"], full, log_dir))
+        stack.services.append(start_service("airflow-scheduler", [airflow_bin(), "scheduler", "--skip-serve-logs"],
+                                            url="", env=full, log_path=log_dir / "scheduler.log"))
     except BaseException:
         stack.stop()
         raise
     return stack
-
-
-def _start_daemon(args: list[str], env: dict[str, str], log_dir: Path) -> Service:
-    """A component without an HTTP port of its own: started like the others, ready once it is running."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    name = args[0]
-    log_path = log_dir / f"{name}.log"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen([airflow_bin(), *args], stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env={**os.environ, **env}, start_new_session=True)
-    return Service(f"airflow-{name}", process, "", log_path)
 
 
 # ---------------------------------------------------------------- CLI: synsetforge airflow up

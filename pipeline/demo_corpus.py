@@ -381,10 +381,7 @@ def make_handler(corpus: Corpus) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-OpenverseServer = ThreadServer
-
-
-def start_openverse_server(corpus: Corpus, port: int | None = None) -> OpenverseServer:
+def start_openverse_server(corpus: Corpus, port: int | None = None) -> ThreadServer:
     """Serve `corpus` on 127.0.0.1 from a daemon thread; `.url` is the API base (collect.openverse_url)."""
     server = ThreadingHTTPServer(("127.0.0.1", port or free_port()), make_handler(corpus))
     server.daemon_threads = True

@@ -88,7 +88,10 @@ def start_service(
     timeout: float = 60.0,
     cwd: str | None = None,
 ) -> Service:
-    """Start `cmd` in its own process group and wait until GET url+ready_path is accepted."""
+    """Start `cmd` in its own process group and wait until GET url+ready_path is accepted.
+
+    With an empty `url` (a process that serves no HTTP, e.g. Airflow's scheduler) it returns once started.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")
     process = subprocess.Popen(
@@ -97,6 +100,8 @@ def start_service(
     )
     log.close()
     service = Service(name, process, url.rstrip("/"), log_path)
+    if not url:
+        return service
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
+from pipeline.airflow_local import airflow_env, migrate  # imports no airflow
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-
-_AIRFLOW_HOME = tempfile.mkdtemp(prefix="sf-airflow-")
-os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME  # never a developer's real Airflow
-os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
-os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
-os.environ["AIRFLOW__CORE__PARALLELISM"] = "2"
-os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
-os.environ.setdefault("NLTK_DATA", str(ROOT / ".nltk_data"))
+# Never a developer's real Airflow: a temp home, our DAGs, no examples, parallelism 2.
+os.environ.update(airflow_env(tempfile.mkdtemp(prefix="sf-airflow-")))
 # Credentials for boto3 against moto; never real ones.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -68,9 +62,7 @@ def store(request, tmp_path):
 @pytest.fixture(scope="session")
 def airflow_db():
     """Migrate a fresh SQLite metadata DB under the temp AIRFLOW_HOME once per session."""
-    airflow = Path(sys.executable).with_name("airflow")
-    result = subprocess.run([str(airflow), "db", "migrate"], capture_output=True, text=True, env=os.environ.copy())
-    assert result.returncode == 0, result.stderr[-3000:]
+    migrate(dict(os.environ))
     return os.environ["AIRFLOW_HOME"]
 
 

@@ -89,8 +89,8 @@ def _ensure_model_version(client: CrowdClient, project_id: int) -> bool:
         client.request("PATCH", f"/api/projects/{project_id}/", f"set model version on project {project_id}",
                        json={"model_version": MODEL_VERSION})
     except CrowdError as exc:
-        if "Model version" in str(exc):
-            return False  # no prediction yet: the first import with shown boxes sets it
+        if exc.status == 400:  # the only field sent is model_version: no prediction carries it yet
+            return False  # the first import with shown boxes sets it
         raise
     return True
 
@@ -214,12 +214,12 @@ def push_box_tasks(
         items = [p for p in payload if p["data"]["kind"] == kind]
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
-            resp = client.request("POST", f"/api/projects/{pid}/import", f"import {len(batch)} {kind} task(s)",
-                                  params={"return_task_ids": "true"}, json=batch)
-            ids = resp.json().get("task_ids")
-            if ids is None or len(ids) != len(batch):  # older servers: map by listing
-                found = remote_tasks(client, {kind: pid})
-                ids = [found[b["data"]["request_id"]]["task_id"] for b in batch]
+            ids = client.import_tasks(
+                pid, batch, lambda pid=pid, kind=kind: {r: t["task_id"] for r, t in remote_tasks(client, {kind: pid}).items()},
+                what=f"the import of {len(batch)} {kind} task(s)")
+            if any(i is None for i in ids):
+                raise CrowdError(f"Label Studio at {client.url} accepted the import of {kind} tasks but lists "
+                                 f"{sum(i is None for i in ids)} of them nowhere; rerun `synsetforge boxes sync`")
             rows = [_row_from_data(i, pid, b["data"]) for i, b in zip(ids, batch, strict=True)]
             tasks = _append(store, "box_tasks", tasks, pd.DataFrame(rows, columns=list(tasks.columns)), ["request_id"])
             pushed += len(rows)

@@ -14,12 +14,11 @@ import pandas as pd
 
 from crowd.client import CrowdClient, CrowdError
 from crowd.kinds import KINDS
+from pipeline.errors import UserError
 from pipeline.store import store_from_settings
 
 
 def _user_error(msg: str) -> Exception:
-    from pipeline.cli import UserError
-
     return UserError(msg)
 
 
@@ -138,6 +137,16 @@ def cmd_serve(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
+def cmd_boxes_sync(args: argparse.Namespace, settings: Any) -> int:
+    import json
+
+    from crowd.boxes import sync
+
+    summary = sync(store_from_settings(settings), settings, steps=args.steps)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("crowd", help="Label Studio: serve, push tasks, pull votes, status")
     sub = p.add_subparsers(dest="crowd_command", metavar="ACTION", required=True)
@@ -157,3 +166,9 @@ def register_cli(subparsers: Any) -> None:
     sv.add_argument("--timeout", type=float, default=180.0)
     sv.add_argument("--detach", action="store_true", help="leave it running and return (stop it by its PID)")
     sv.set_defaults(func=cmd_serve)
+    boxes = subparsers.choices.get("boxes")  # registered by pipeline.boxes (the stage's own commands)
+    if boxes is not None:
+        bs = boxes.subcommands.add_parser("sync", help="one reconcile step against Label Studio: pull answers, "
+                                                       "plan, push next tasks")
+        bs.add_argument("--steps", type=int, default=1, help="repeat pull -> plan -> push this many times")
+        bs.set_defaults(func=cmd_boxes_sync)

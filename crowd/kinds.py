@@ -21,6 +21,19 @@ from typing import Any
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
+# The push log and the task table (crowd.push writes them; pull and status read them).
+REQUEST_COLUMNS = ["request_id", "project_id", "image_id", "wnid", "kind", "is_gold", "gold_answer", "overlap",
+                   "requested_at", "task_key"]
+TASK_COLUMNS = ["task_id", "project_id", "request_id", "image_id", "wnid", "kind", "is_gold", "gold_answer",
+                "pushed_at"]
+TASK_KEY = ["task_id", "image_id"]  # a grid task has one row per image
+
+
+def request_id(kind: str, project_id: int, image_id: str, wnid: str, k: int) -> str:
+    """The k-th request of (kind, project, image, wnid): a stable id, so a resumed push logs the same requests."""
+    return hashlib.sha256(f"{kind}|{project_id}|{image_id}|{wnid}|{k}".encode()).hexdigest()[:32]
+
+
 class BadAnnotation(ValueError):
     """An annotation whose result does not have the shape the kind expects (it is quarantined)."""
 
@@ -197,7 +210,6 @@ def group_grid(new: Any, *, gold: Any, history: Any, project_id: int, size: int 
     rows are new requests of their own (is_gold, gold_answer), numbered after the pair's earlier requests.
 
         >>> import pandas as pd
-        >>> from crowd.push import REQUEST_COLUMNS
         >>> new = pd.DataFrame([{"request_id": f"r{i}", "project_id": 1, "image_id": f"i{i}", "wnid": "n00000001",
         ...                      "kind": "grid", "is_gold": False, "gold_answer": None, "overlap": 3,
         ...                      "requested_at": None, "task_key": None} for i in range(10)])
@@ -209,8 +221,6 @@ def group_grid(new: Any, *, gold: Any, history: Any, project_id: int, size: int 
     import math
 
     import pandas as pd
-
-    from crowd.push import REQUEST_COLUMNS, request_id
 
     if new.empty:
         return new.assign(task_key=pd.Series(dtype=object))

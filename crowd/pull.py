@@ -24,8 +24,8 @@ import pandas as pd
 
 from crowd.client import CrowdClient
 from crowd.gold import worker_gold
-from crowd.kinds import KINDS, BadAnnotation
-from crowd.push import TASK_COLUMNS
+from crowd.kinds import KINDS, TASK_COLUMNS, BadAnnotation
+from pipeline.errors import UserError
 from pipeline.store import Store
 
 log = logging.getLogger("synsetforge.crowd")
@@ -35,7 +35,7 @@ VOTE_COLUMNS = ["annotation_id", "task_id", "image_id", "wnid", "worker", "answe
 QUARANTINE_COLUMNS = ["annotation_id", "task_id", "project_id", "worker", "reason", "result_json", "quarantined_at"]
 
 
-class PseudonymKeyMissing(ValueError):
+class PseudonymKeyMissing(UserError):
     pass
 
 

@@ -31,25 +31,17 @@ from urllib.parse import quote
 
 import pandas as pd
 
-from crowd.client import CrowdClient, CrowdError
-from crowd.kinds import KINDS, TaskKind
+from crowd.client import CrowdClient
+from crowd.kinds import KINDS, REQUEST_COLUMNS, TASK_COLUMNS, TASK_KEY, TaskKind, request_id
+from pipeline.errors import UserError
 from pipeline.store import LocalStore, S3Store, Store
 
 log = logging.getLogger("synsetforge.crowd")
 
-REQUEST_COLUMNS = ["request_id", "project_id", "image_id", "wnid", "kind", "is_gold", "gold_answer", "overlap",
-                   "requested_at", "task_key"]
-TASK_COLUMNS = ["task_id", "project_id", "request_id", "image_id", "wnid", "kind", "is_gold", "gold_answer",
-                "pushed_at"]
-TASK_KEY = ["task_id", "image_id"]  # a grid task has one row per image
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """The push plan is unusable; the message names the rows and what to fix."""
-
-
-def request_id(kind: str, project_id: int, image_id: str, wnid: str, k: int) -> str:
-    return hashlib.sha256(f"{kind}|{project_id}|{image_id}|{wnid}|{k}".encode()).hexdigest()[:32]
 
 
 def check_plan(plan: pd.DataFrame, default_overlap: int) -> pd.DataFrame:
@@ -356,40 +348,12 @@ def _ensure_overlap(client: CrowdClient, project_id: int, overlap: int) -> None:
 
 
 def _import_batch(client: CrowdClient, project_id: int, batch: list[dict[str, Any]]) -> list[int | None]:
-    """Import one batch; task ids in batch order. After a transient failure the server may or may not
-    hold the batch, so before retrying we look: only tasks still missing are imported again."""
+    """Import one batch once (`CrowdClient.import_tasks` looks before it retries); task ids in batch order."""
     body = [{"data": b["data"], "overlap": b["overlap"]} for b in batch]
-    delay = client.backoff_s
-    for attempt in range(client.retries + 1):
-        try:
-            resp = client._http.post(f"/api/projects/{project_id}/import", params={"return_task_ids": "true"},
-                                     json=body)
-            resp.raise_for_status()
-            ids = resp.json().get("task_ids")
-            if ids is not None and len(ids) == len(body):
-                return [int(i) for i in ids]
-            break  # an answer without ids: map by listing below
-        except Exception as exc:  # noqa: BLE001
-            from crowd.client import _describe, _is_transient
 
-            if not _is_transient(exc):
-                raise CrowdError(f"Label Studio at {client.url} refused the task import: "
-                                 f"{_describe(exc, client._token)}") from None
-            if attempt == client.retries:
-                raise CrowdError(
-                    f"Label Studio at {client.url} did not answer the task import after {attempt + 1} tries; "
-                    "start it again and rerun push: requests are logged and reconciled, nothing is pushed twice"
-                ) from None
-            client._sleep(delay)
-            delay = min(delay * 2, 30.0)
-            try:
-                remote = server_tasks(client, project_id)
-            except CrowdError:
-                continue
-            have = set(remote["request_id"].dropna())
-            body = [x for x in body if x["data"]["request_id"] not in have]
-            if not body:
-                break
-    remote = server_tasks(client, project_id)
-    by_req = dict(zip(remote["request_id"], remote["task_id"], strict=True))
-    return [by_req.get(b["data"]["request_id"]) for b in batch]
+    def existing() -> dict[str, int]:
+        remote = server_tasks(client, project_id)
+        remote = remote[remote["request_id"].notna()]
+        return dict(zip(remote["request_id"], remote["task_id"], strict=True))
+
+    return client.import_tasks(project_id, body, existing)

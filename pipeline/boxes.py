@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import BoxesSettings
+from pipeline.errors import UserError
 from pipeline.schemas import empty_table
 from pipeline.store import store_from_settings
 
@@ -57,7 +58,7 @@ def box_settings(settings: Any) -> BoxesSettings:
     return BoxesSettings()
 
 
-class BoxInputError(ValueError):
+class BoxInputError(UserError):
     """A region or table given to the box stage is not usable; the message says which and why."""
 
 
@@ -552,24 +553,6 @@ def run_plan(store: Any, policy: BoxesSettings | None = None, pairs: pd.DataFram
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def _user_errors(fn: Callable[[Any, Any], int]) -> Callable[[Any, Any], int]:
-    """Errors the user can act on (bad tables, Label Studio unreachable, missing secrets) print without a traceback."""
-
-    def run(args: Any, settings: Any) -> int:
-        from pipeline.cli import UserError
-
-        try:
-            return fn(args, settings)
-        except BoxInputError as exc:
-            raise UserError(str(exc)) from None
-        except Exception as exc:
-            if type(exc).__name__ in ("CrowdError", "PseudonymKeyMissing", "MissingKey", "SchemaError"):
-                raise UserError(str(exc)) from None
-            raise
-
-    return run
-
-
 def _cmd_status(args: Any, settings: Any) -> int:
     store = store_from_settings(settings)
     coverage = store.read_table("coverage", missing_ok=True).to_pandas()
@@ -604,25 +587,15 @@ def _cmd_plan(args: Any, settings: Any) -> int:
     return 0
 
 
-def _cmd_sync(args: Any, settings: Any) -> int:
-    from crowd.boxes import sync  # the Label Studio client is imported only when asked for
-
-    summary = sync(store_from_settings(settings), settings, steps=args.steps)
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
-
-
 def register_cli(subparsers: Any) -> None:
     parser = subparsers.add_parser("boxes", help="bounding boxes: draw / quality / coverage loop (ILSVRC)")
     sub = parser.add_subparsers(dest="boxes_command", metavar="SUBCOMMAND")
     p = sub.add_parser("status", help="per-image loop state, coverage and cost per accepted box")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=_user_errors(_cmd_status))
+    p.set_defaults(func=_cmd_status)
     p = sub.add_parser("plan", help="replay box_tasks/box_answers, write boxes and coverage, show the next tasks")
-    p.set_defaults(func=_user_errors(_cmd_plan))
-    p = sub.add_parser("sync", help="one reconcile step against Label Studio: pull answers, plan, push next tasks")
-    p.add_argument("--steps", type=int, default=1, help="repeat pull -> plan -> push this many times")
-    p.set_defaults(func=_user_errors(_cmd_sync))
+    p.set_defaults(func=_cmd_plan)
+    parser.subcommands = sub  # crowd.cli adds `boxes sync` (the Label Studio side) here
 
 
 __all__ = [

@@ -11,22 +11,19 @@ import importlib
 import sys
 
 from pipeline.config import ConfigError, load_settings
+from pipeline.errors import SynsetforgeError
 
 COMMAND_MODULES = (
     "pipeline.vocabulary",
     "pipeline.sources.cli",
     "pipeline.ingest.cli",
-    "crowd.cli",
     "pipeline.qc.cli",
     "pipeline.boxes",
+    "crowd.cli",  # after pipeline.boxes: it adds `boxes sync`
     "pipeline.release.cli",
     "pipeline.evaluate",
     "pipeline.airflow_local",
 )
-
-
-class UserError(Exception):
-    """An error the user can act on: printed without a traceback, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"store": {"url": args.store}} if args.store else None
         settings = load_settings(args.config, overrides=overrides)
         return int(args.func(args, settings) or 0)
-    except (ConfigError, UserError) as exc:
+    except (ConfigError, SynsetforgeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -67,7 +64,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Re-enter through the package so stages raise the same UserError class this module catches.
-    from pipeline.cli import main as package_main
-
-    sys.exit(package_main())
+    sys.exit(main())

@@ -21,11 +21,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from pipeline.errors import UserError
+
 ENV_PREFIX = "SYNSETFORGE__"
 DEFAULT_DATA_ROOT = "data"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """The configuration is invalid; the message lists every problem."""
 
 

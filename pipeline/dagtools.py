@@ -77,12 +77,17 @@ def settings_from_params(params: Mapping[str, Any] | None, section: str, names: 
 
 
 def _context() -> Mapping[str, Any] | None:
-    try:
-        from airflow.sdk import get_current_context
+    """The running task's context, or None outside a task (the CLI, tests of the core). Only the "no task is
+    running" answer is taken as None: any other failure is raised, since losing it would lose the store that
+    `announce` hands to the next DAG."""
+    from airflow.sdk import get_current_context
 
+    try:
         return get_current_context()
-    except Exception:  # noqa: BLE001 - not inside a running task (CLI, tests of the core)
-        return None
+    except RuntimeError as exc:  # raised by Airflow when no task is running in this process
+        if "current context" in str(exc).lower() or "no context" in str(exc).lower():
+            return None
+        raise
 
 
 def upstream_store() -> str | None:
@@ -106,19 +111,16 @@ def announce(settings: Settings, *assets: Any) -> None:
 
 
 def fail_fast(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A mistake in the input (bad Param, bad configuration, existing release) fails at once: retrying it cannot
-    help. Everything else (a server gone, a killed worker) is left to the task's retries."""
-    from pipeline.cli import UserError
-    from pipeline.release.manifest import ReleaseExists
-
-    # ValueError covers ConfigError, VocabularyError, pydantic's ValidationError and the crowd's PlanError.
-    mistakes = (UserError, ValueError, ReleaseExists)
+    """A mistake in the input (bad Param, configuration, table or file; an existing release: a `UserError`)
+    fails at once, since retrying it cannot help. Everything else (a server gone, a malformed or truncated
+    answer, a killed worker) is left to the task's retries."""
+    from pipeline.errors import UserError
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except mistakes as exc:
+        except UserError as exc:
             from airflow.sdk.exceptions import AirflowFailException
 
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +41,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import UserError
+
 MAX_GUESSES = 5
 BOX = ["x_min", "y_min", "x_max", "y_max"]
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(UserError):
     """A submission or ground-truth file is malformed; the message names the file and the line."""
 
 
@@ -414,7 +415,7 @@ def format_result(res: dict[str, Any]) -> str:
 
 
 def _cmd(args: argparse.Namespace, settings: Any) -> int:
-    from pipeline.cli import UserError
+    from pipeline.errors import UserError
     from pipeline.release.manifest import ReleaseError
     from pipeline.store import store_from_settings
 
@@ -448,8 +449,3 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--json", help="also write the full result as JSON here")
     p.set_defaults(func=_cmd)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from pipeline.cli import main
-
-    sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -13,10 +13,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.errors import UserError
+
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError):
     """A table does not match its schema file."""
 
 

@@ -25,10 +25,11 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import SynsetforgeError
 from pipeline.schemas import empty_table, validate
 
 
-class StoreError(RuntimeError):
+class StoreError(SynsetforgeError, RuntimeError):
     """A store operation failed in a way the user must act on."""
 
 

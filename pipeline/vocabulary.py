@@ -25,6 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.errors import UserError
 from pipeline.schemas import validate
 
 WNID_RE = re.compile(r"^n\d{8}$")
@@ -32,7 +33,7 @@ _TOKEN_RE = re.compile(r"[\w'-]+")
 PROJECT_NLTK_DATA = Path(__file__).resolve().parent.parent / ".nltk_data"
 
 
-class VocabularyError(ValueError):
+class VocabularyError(UserError):
     """A selection names synsets that do not exist or are not nouns; the message lists every one."""
 
 
@@ -362,7 +363,7 @@ def register_cli(sub: Any) -> None:
 
 
 def _cli(args: Any, settings: Any) -> int:
-    from pipeline.cli import UserError
+    from pipeline.errors import UserError
     from pipeline.store import store_from_settings
 
     v = settings.vocabulary

@@ -340,7 +340,7 @@ def test_bad_tables_are_refused_with_the_reason():
 
 
 def test_bad_tables_lose_nothing_and_the_cli_says_what_to_do(tmp_path, capsys):
-    from pipeline.cli import UserError
+    from pipeline.errors import UserError
 
     store = LocalStore(tmp_path / "store")
     tb = Tables()

@@ -52,7 +52,7 @@ def test_collect_dag_maps_over_shards_and_writes_tables(airflow_db, tmp_path):
 
 
 def test_shard_plan_stays_under_the_map_limit_and_checks_wanted_wnids():
-    from pipeline.cli import UserError
+    from pipeline.errors import UserError
     from pipeline.sources.collect import plan_shards
 
     wnids = [f"n{i:08d}" for i in range(20_000)]

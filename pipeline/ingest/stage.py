@@ -210,7 +210,7 @@ def run_ingest(
     tag: str | None = None,
 ) -> dict[str, Any]:
     """Fetch and validate every unsettled candidate URL; checkpoint; then (with merge) write the tables."""
-    from pipeline.cli import UserError
+    from pipeline.errors import UserError
     from pipeline.store import MissingKey
 
     try:

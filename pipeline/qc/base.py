@@ -20,13 +20,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import UserError
+
 LONG_COLUMNS = ("task", "worker", "label")
 YES, NO = "yes", "no"
 BINARY_LABELS = (NO, YES)  # sorted order: index 0 = no, 1 = yes; a tie resolves to index 0 ("no"), the safe side
 SEP = "|"
 
 
-class QCInputError(ValueError):
+class QCInputError(UserError):
     """The votes given to a QC method are malformed; the message says which rows and what to do."""
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 
 
 def _read_pairs(path: str) -> pd.DataFrame:
-    from pipeline.cli import UserError
+    from pipeline.errors import UserError
 
     p = Path(path)
     if not p.is_file():
@@ -24,7 +24,7 @@ def _read_pairs(path: str) -> pd.DataFrame:
 
 
 def _cmd(args: argparse.Namespace, settings: Any) -> int:
-    from pipeline.cli import UserError
+    from pipeline.errors import UserError
     from pipeline.qc.base import QCInputError
     from pipeline.qc.stage import run_qc
     from pipeline.store import store_from_settings

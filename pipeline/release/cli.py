@@ -10,28 +10,6 @@ from pipeline.config import Settings
 from pipeline.store import store_from_settings
 
 
-def _user_errors(fn: Any) -> Any:
-    """Turn the release stage's actionable errors into UserError (no traceback, exit code 2)."""
-
-    def wrapped(args: argparse.Namespace, settings: Settings) -> int:
-        from pipeline.cli import UserError
-        from pipeline.release.manifest import ReleaseError
-        from pipeline.schemas import SchemaError
-        from pipeline.store import StoreError
-
-        try:
-            return fn(args, settings)
-        except (ReleaseError, StoreError, SchemaError) as exc:
-            raise UserError(str(exc)) from None
-        except RuntimeError as exc:
-            if "near-duplicate" in str(exc):
-                raise UserError(str(exc)) from None
-            raise
-
-    return wrapped
-
-
-@_user_errors
 def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.release.build import build_release
     from pipeline.release.report import build_report_from_settings
@@ -52,7 +30,6 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-@_user_errors
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.release.manifest import verify_release
 
@@ -63,7 +40,6 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if res.ok else 1
 
 
-@_user_errors
 def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.release.diff import diff_releases
 
@@ -78,7 +54,6 @@ def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-@_user_errors
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.release.export import export_devkit, export_parquet
 
@@ -93,7 +68,6 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-@_user_errors
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.release.export import publish_release
 
@@ -102,7 +76,6 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-@_user_errors
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.release.report import build_report_from_settings
 
@@ -112,7 +85,6 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-@_user_errors
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.release.manifest import list_releases, read_manifest
 

@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import SynsetforgeError, UserError
 from pipeline.schemas import SCHEMA_DIR, schema_version, validate
 from pipeline.store import LocalStore, MissingKey, Store
 
@@ -31,11 +32,11 @@ MANIFEST = "manifest.json"
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class ReleaseError(RuntimeError):
+class ReleaseError(SynsetforgeError, RuntimeError):
     """A release cannot be built, read or published; the message says which and what to do."""
 
 
-class ReleaseExists(ReleaseError):
+class ReleaseExists(ReleaseError, UserError):
     """The version already has a manifest: releases are immutable."""
 
 

@@ -192,7 +192,9 @@ def _default_cross_duplicates() -> CrossDuplicates:
     try:
         from pipeline.ingest.neardup import cross_duplicates
     except ImportError as exc:
-        raise RuntimeError(
+        from pipeline.release.manifest import ReleaseError
+
+        raise ReleaseError(
             "near-duplicate search (pipeline.ingest.neardup.cross_duplicates) is not available, so train/val "
             f"leakage cannot be checked ({exc}); install the ingest stage or pass neardup=False to skip the check"
         ) from exc

@@ -24,6 +24,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from pipeline.errors import UserError
+
 CANDIDATE_FIELDS = ("url", "page_url", "title", "license", "license_url", "creator")
 
 
@@ -31,7 +33,7 @@ class SourceError(RuntimeError):
     """A source could not answer (bad configuration, malformed response, retries exhausted)."""
 
 
-class SourceConfigError(SourceError, ValueError):
+class SourceConfigError(SourceError, UserError):
     """The configuration names a source that cannot work as set (missing key, folder or file): retrying won't help."""
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 
 def _wnids(args: argparse.Namespace) -> list[str] | None:
-    from pipeline.cli import UserError
+    from pipeline.errors import UserError
 
     wnids = list(args.wnid or [])
     if args.wnid_file:
@@ -25,7 +25,7 @@ def cmd_collect(args: argparse.Namespace, settings: Any) -> int:
     from tabulate import tabulate
     from tqdm import tqdm
 
-    from pipeline.cli import UserError
+    from pipeline.errors import UserError
     from pipeline.sources.base import SourceError
     from pipeline.sources.collect import run_collect
     from pipeline.store import store_from_settings

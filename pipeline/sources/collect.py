@@ -187,7 +187,7 @@ def plan_shards(wnids: Sequence[str], wanted: Sequence[str] | None, size: int, m
     """
     import math
 
-    from pipeline.cli import UserError
+    from pipeline.errors import UserError
 
     if wanted:
         missing = sorted(set(wanted) - set(wnids))
@@ -200,7 +200,7 @@ def plan_shards(wnids: Sequence[str], wanted: Sequence[str] | None, size: int, m
 
 
 def _select_synsets(store: Any, wnids: Sequence[str] | None) -> pd.DataFrame:
-    from pipeline.cli import UserError
+    from pipeline.errors import UserError
     from pipeline.store import MissingKey
 
     try:

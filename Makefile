@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export NLTK_DATA := $(CURDIR)/.nltk_data
 
-.PHONY: setup demo test test-quick bench lint clean
+.PHONY: setup demo test test-quick bench lint screenshots clean
 
 setup:
 	@infra/setup.sh
@@ -22,6 +22,13 @@ test-quick: setup
 bench: setup
 	@infra/setup-bench.sh
 	@$(PY) benchmarks/run_all.py
+
+# The README's pictures: the browser tests render them into test-artifacts/docs/; this copies them into docs/.
+SCREENSHOT_TESTS := tests/test_browser_crowd.py tests/test_browser_grid.py tests/test_boxes_browser.py \
+	tests/test_release_report.py tests/test_airflow_scheduler.py
+screenshots: setup
+	@$(PY) -m pytest -q $(SCREENSHOT_TESTS)
+	@cp -v test-artifacts/docs/*.png docs/
 
 lint: setup
 	@$(VENV)/bin/ruff check pipeline crowd dags tests benchmarks infra/deploy/check.py

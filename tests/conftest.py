@@ -27,7 +27,9 @@ from pipeline.store import LocalStore, S3Store  # noqa: E402
 
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
+    """test-artifacts/ (untracked): logs and screenshots; docs/ under it holds the README's pictures, which
+    `make screenshots` copies into the tracked docs/ (tests never write tracked files)."""
+    (ARTIFACTS / "docs").mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
 
 
@@ -136,3 +138,11 @@ def wait_for_text(driver, *texts: str, timeout: float = 60.0) -> str:
         return page if all(t in page for t in texts) else None
 
     return wait_until(body, timeout, f"{texts} on the page")
+
+
+@pytest.fixture(scope="session")
+def labelstudio(artifacts_dir):
+    """One real Label Studio 1.23.2 per test session (SF_LABELSTUDIO_URL reuses a running one); stopped by PID."""
+    from fixtures_labelstudio import start_session_labelstudio
+
+    yield from start_session_labelstudio(artifacts_dir)

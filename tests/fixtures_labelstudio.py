@@ -1,6 +1,6 @@
-"""Session-scoped real Label Studio for tests (crowd and boxes). Import the fixture into a test module:
-
-    from fixtures_labelstudio import labelstudio  # noqa: F401
+"""The real Label Studio for tests (crowd and boxes): the `labelstudio` fixture lives in conftest.py, so a test
+session starts one server however many modules use it (a session fixture imported into each module would be one
+server per module). This module holds its handle and the helpers tests share.
 
 Set SF_LABELSTUDIO_URL, SF_LABELSTUDIO_TOKEN and SF_LABELSTUDIO_FILES_ROOT to use a server already running.
 
@@ -17,8 +17,6 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from crowd.client import CrowdClient
 from crowd.server import LabelStudioServer, start_labelstudio
@@ -120,8 +118,8 @@ def write_synsets(store):
     return df
 
 
-@pytest.fixture(scope="session")
-def labelstudio(artifacts_dir):
+def start_session_labelstudio(artifacts_dir: Path):
+    """The one Label Studio of a test session (conftest's `labelstudio` fixture): yields a handle, then stops it."""
     external = os.environ.get("SF_LABELSTUDIO_URL")
     if external:  # reuse a running server (development, or CI with a service container); it is not stopped here
         srv = LabelStudioServer(url=external, token=os.environ["SF_LABELSTUDIO_TOKEN"], username="", password="",

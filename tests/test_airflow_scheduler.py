@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_dag, wait_for_text, wait_until
+from conftest import run_dag, wait_for_text, wait_until
 from PIL import Image
 
 from pipeline.airflow_local import start_stack
@@ -157,7 +157,7 @@ def test_scheduler_runs_the_chain_in_parallel_survives_a_killed_worker_and_match
     body = wait_for_text(browser, "ingest_shard", "merge_images", "Success", timeout=90)
     assert "synsetforge_collect" in body
     browser.save_screenshot(str(artifacts_dir / "airflow-grid.png"))
-    shutil.copy(artifacts_dir / "airflow-grid.png", ROOT / "docs" / "airflow-grid.png")
+    shutil.copy(artifacts_dir / "airflow-grid.png", artifacts_dir / "docs" / "airflow-grid.png")
 
 
 def test_synsetforge_airflow_up_serves_the_ui_and_stops_every_process_on_ctrl_c(tmp_path):

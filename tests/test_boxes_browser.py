@@ -3,7 +3,7 @@
 Drawing: the already-accepted box is on the canvas read-only; the annotator drags one new box and submits;
 the box that reaches the `boxes` table matches the dragged rectangle in stored-image pixels within 2 px.
 Quality and coverage: the shown boxes are on the canvas, the annotator answers and submits, the answer
-reaches `box_answers`. Screenshots go to test-artifacts/ and docs/.
+reaches `box_answers`. Screenshots go to test-artifacts/ (`make screenshots` copies the README's into docs/).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 from conftest import wait_until
-from fixtures_labelstudio import ROOT, browser_login, labelstudio  # noqa: F401
+from fixtures_labelstudio import browser_login
 
 from crowd.boxes import provision_boxes, sync, work_boxes
 from crowd.simulate import Profile
@@ -122,8 +122,7 @@ def test_annotator_draws_verifies_and_checks_coverage_in_chromium(labelstudio, b
     drag.perform()
     wait_for(browser, "return Htx.annotationStore.selected.regionStore.regions.length === 2", 15, "the new box")
     browser.save_screenshot(str(artifacts_dir / "boxes-draw-after.png"))
-    docs = ROOT / "docs"
-    docs.mkdir(exist_ok=True)
+    docs = artifacts_dir / "docs"  # `make screenshots` copies these into docs/
     shutil.copy(artifacts_dir / "boxes-draw-after.png", docs / "annotator-box-draw.png")
     submit(browser)
     wait_for(browser, "return !Htx.annotationStore.selected || Htx.annotationStore.selected.regionStore.regions"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from fixtures_labelstudio import labelstudio  # noqa: F401  (session-scoped real server)
 
 from crowd.boxes import adopt, provision_boxes, run_until_done, sync
 from crowd.simulate import Profile

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import wait_until as _wait
-from fixtures_labelstudio import SYNSETS, browser_login, labelstudio, make_images, write_synsets  # noqa: F401
+from fixtures_labelstudio import SYNSETS, browser_login, make_images, write_synsets
 
 from crowd.provision import image_dir_of, provision
 from crowd.pull import pseudonym, pull
@@ -66,8 +66,7 @@ def test_annotator_verifies_in_chromium(labelstudio, browser, artifacts_dir):  #
     assert ", ".join(syn["lemmas"]) in body and syn["gloss"] in body
     assert "There was an issue loading URL" not in body
     d.save_screenshot(str(artifacts_dir / "annotator-verify.png"))
-    (ROOT / "docs").mkdir(exist_ok=True)
-    shutil.copy(artifacts_dir / "annotator-verify.png", ROOT / "docs" / "annotator-verify.png")
+    shutil.copy(artifacts_dir / "annotator-verify.png", artifacts_dir / "docs" / "annotator-verify.png")
 
     first = _wait(lambda: _task_id(d), what="task number")
     # Answer 1: click "yes", then Submit.

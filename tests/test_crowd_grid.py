@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 import pandas as pd
 import pytest
-from fixtures_labelstudio import crash_before_tasks_write, labelstudio, make_images, write_synsets  # noqa: F401
+from fixtures_labelstudio import crash_before_tasks_write, make_images, write_synsets
 
 from crowd import push as push_mod
 from crowd.gold import worker_gold

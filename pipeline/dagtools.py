@@ -77,17 +77,15 @@ def settings_from_params(params: Mapping[str, Any] | None, section: str, names: 
 
 
 def _context() -> Mapping[str, Any] | None:
-    """The running task's context, or None outside a task (the CLI, tests of the core). Only the "no task is
-    running" answer is taken as None: any other failure is raised, since losing it would lose the store that
+    """The running task's context, or None outside a task (the CLI, tests of the core). Airflow says "no task is
+    running" with a RuntimeError; anything else is raised, since swallowing it would lose the store that
     `announce` hands to the next DAG."""
     from airflow.sdk import get_current_context
 
     try:
         return get_current_context()
-    except RuntimeError as exc:  # raised by Airflow when no task is running in this process
-        if "current context" in str(exc).lower() or "no context" in str(exc).lower():
-            return None
-        raise
+    except RuntimeError:
+        return None
 
 
 def upstream_store() -> str | None:

@@ -47,7 +47,7 @@ def test_collect_dag_maps_over_shards_and_writes_tables(airflow_db, tmp_path):
     assert len(links) == 15 and store.list("ingest/parts/") == [] and store.list("collect/parts/") == []
     # Rerun: same tables, nothing duplicated.
     assert run_dag("synsetforge_collect", conf).state == "success"
-    assert store.read_table("images").to_pandas().equals(images)
+    assert store.read_table("images").to_pandas().equals(images)  # the rerun fetched nothing: same rows, same times
     assert len(store.read_table("candidates")) == 16
 
 
@@ -89,7 +89,7 @@ def test_a_task_failing_halfway_is_retried_to_the_same_tables_as_a_clean_run(air
     assert sorted(t for (tid, _), t in tries.items() if tid == task) == [1, 2], tries  # one shard failed once
 
     for table in ("candidates", "images", "image_links"):
-        clean = stores["clean"].read_table(table).to_pandas().drop(columns=["found_at"], errors="ignore")
-        faulty = stores["faulty"].read_table(table).to_pandas().drop(columns=["found_at"], errors="ignore")
+        clean = stores["clean"].read_table(table).to_pandas().drop(columns=["found_at", "fetched_at"], errors="ignore")
+        faulty = stores["faulty"].read_table(table).to_pandas().drop(columns=["found_at", "fetched_at"], errors="ignore")
         pd.testing.assert_frame_equal(clean, faulty, obj=table)
     assert len(stores["faulty"].read_table("images")) == 4 * 5

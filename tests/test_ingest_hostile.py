@@ -220,8 +220,15 @@ def test_file_urls_outside_the_local_roots_are_refused(tmp_path):
     secret.write_bytes(jpeg())
     (tmp_path / "root").mkdir()
     r = Fetcher(FetchConfig(file_roots=(str(tmp_path / "root"),))).fetch(secret.as_uri())
-    assert r.reason == "blocked_scheme"
+    assert r.reason == "outside_local_root" and "outside the local root" in r.detail
     assert Fetcher(FetchConfig(file_roots=(str(tmp_path),))).fetch(secret.as_uri()).ok
+    # A symlink inside the root that leaves it is judged by its target, and says so.
+    (tmp_path / "root" / "link.jpg").symlink_to(secret)
+    r = Fetcher(FetchConfig(file_roots=(str(tmp_path / "root"),))).fetch((tmp_path / "root" / "link.jpg").as_uri())
+    assert r.reason == "outside_local_root" and "symlink" in r.detail
+    # No root at all: its own reason, naming the setting.
+    r = Fetcher(FetchConfig()).fetch(secret.as_uri())
+    assert r.reason == "no_local_root" and "collect.local_dir" in r.detail
 
 
 class Crash(Exception):
@@ -291,7 +298,7 @@ def test_two_worker_processes_give_the_same_tables_as_one(hostile_server, tmp_pa
         store = LocalStore(tmp_path / f"store{processes}")
         write_candidates(store, urls)
         run_ingest(store, settings_for(tmp_path, processes=processes, reuse_validation=reuse))
-        tables.append(store.read_table("images").to_pandas().drop(columns=["storage_key"]))
+        tables.append(store.read_table("images").to_pandas().drop(columns=["storage_key", "fetched_at"]))
     one, two = tables
     assert len(one) == len(urls) and one.equals(two)
     assert sorted(one.status.value_counts().items()) == [("accepted", 3), ("duplicate", 3), ("rejected", 6)]

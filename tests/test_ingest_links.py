@@ -10,7 +10,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.config import load_settings
-from pipeline.ingest.stage import build_links, run_ingest, settle_images
+from pipeline.ingest.stage import IMAGE_COLUMNS, build_links, rows_frame, run_ingest, settle_images
 from pipeline.store import LocalStore
 
 A, B, C = "n00000001", "n00000002", "n00000003"
@@ -85,3 +85,20 @@ def test_build_links_best_rank_per_pair():
     assert len(links) == 2 and a.url == "u2" and a["rank"] == 1 and a.n_urls == 2 and a.n_synsets == 2
 
 
+
+
+def test_settling_keeps_the_latest_outcome_by_time_not_by_part_order():
+    """A killed attempt's `timeout` row can sit in a part whose key (random attempt id) sorts after its retry's part:
+    the retry's `accepted` row is newer and must win, or the image drops out of `images`."""
+    base = dict.fromkeys(IMAGE_COLUMNS)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    retry = {**base, "image_id": "x", "first_url": "http://a", "status": "accepted", "width": 1,
+             "fetched_at": t0.replace(minute=5)}
+    killed = {**base, "first_url": "http://a", "status": "rejected", "reject_reason": "timeout", "fetched_at": t0}
+    old = {**base, "first_url": "http://b", "status": "rejected", "reject_reason": "http_404"}  # before version 2
+    newer_b = {**base, "image_id": "y", "first_url": "http://b", "status": "accepted", "width": 1, "fetched_at": t0}
+    for frames in ([[retry], [killed]], [[killed], [retry]]):
+        out = settle_images([rows_frame(f) for f in frames]).set_index("first_url")
+        assert out.loc["http://a", "status"] == "accepted"
+    out = settle_images([rows_frame([newer_b]), rows_frame([old])]).set_index("first_url")
+    assert out.loc["http://b", "status"] == "accepted"  # a row without a time counts as the oldest

@@ -164,7 +164,8 @@ def test_collect_and_ingest_cli_on_a_local_folder(tmp_path, capsys):
         "lexname": ["noun.animal"], "is_leaf": [True], "queries": [["a"]]}))
     assert main(["--store", str(tmp_path / "s"), "collect", "--local-dir", str(tmp_path / "imgs"), "--no-progress"]) == 0
     assert "| candidates" in capsys.readouterr().out
-    assert main(["--store", str(tmp_path / "s"), "ingest", "--local-dir", str(tmp_path / "imgs"), "--no-progress"]) == 0
+    # The root is remembered from the collect run: ingest needs no --local-dir.
+    assert main(["--store", str(tmp_path / "s"), "ingest", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| accepted" in out and "|                         3 |" not in out
     assert len(store.read_table("image_links")) == 3
@@ -175,3 +176,64 @@ def test_collect_and_ingest_cli_on_a_local_folder(tmp_path, capsys):
 def test_collect_cli_without_synsets_table_says_what_to_run(tmp_path, capsys):
     assert main(["--store", str(tmp_path / "empty"), "collect", "--local-dir", str(tmp_path)]) == 2
     assert "synsetforge vocabulary" in capsys.readouterr().err
+
+
+def _one_synset_store(tmp_path):
+    store = open_store(tmp_path / "s")
+    store.write_table("synsets", pd.DataFrame({
+        "wnid": [A], "name": ["a.n.01"], "lemmas": [["a"]], "gloss": ["g"], "depth": [1], "parent_wnids": [[]],
+        "lexname": ["noun.animal"], "is_leaf": [True], "queries": [["a"]]}))
+    return store
+
+
+def test_rejections_by_the_configuration_are_retried_once_it_allows_them(tmp_path):
+    from PIL import Image
+
+    from pipeline.config import load_settings
+    from pipeline.ingest.stage import run_ingest
+    from pipeline.sources.url_list import UrlListSource  # noqa: F401 - the source the list goes through
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.new("RGB", (48, 40 + i), (0, i * 90, 0)).save(photos / f"{i}.png")
+    (tmp_path / "urls.txt").write_text("".join(f"{(photos / f'{i}.png').as_uri()} {A}\n" for i in range(2)))
+    store = _one_synset_store(tmp_path)
+    listed = {"collect": {"sources": ["url_list"], "url_list": str(tmp_path / "urls.txt")}, "store": {"url": str(store.root)}}
+    assert main(["--store", str(store.root), "collect", "--sources", "url_list", "--url-list", str(tmp_path / "urls.txt"),
+                 "--no-progress"]) == 0
+    summary = run_ingest(store, load_settings(env={}, overrides=listed))
+    assert summary["outcomes"] == {"rejected:no_local_root": 2}
+    # The user sets the root afterwards: the same store, nothing deleted, and the two files get in.
+    allowed = {**listed, "collect": {**listed["collect"], "local_dir": str(photos)}}
+    summary = run_ingest(store, load_settings(env={}, overrides=allowed))
+    assert summary["outcomes"] == {"accepted": 2}
+    images = store.read_table("images").to_pandas()
+    assert sorted(images["status"]) == ["accepted", "accepted"] and images["first_url"].is_unique
+
+
+def test_retry_rejected_fetches_a_fixed_file_again(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs" / A
+    folder.mkdir(parents=True)
+    Image.new("RGB", (48, 48), (200, 0, 0)).save(folder / "good.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    store = _one_synset_store(tmp_path)
+    s = str(store.root)
+    assert main(["--store", s, "collect", "--local-dir", str(tmp_path / "imgs"), "--no-progress"]) == 0
+    assert main(["--store", s, "ingest", "--no-progress", "--json"]) == 0
+    capsys.readouterr()
+    images = store.read_table("images").to_pandas().set_index("first_url")
+    broken = (folder / "broken.jpg").resolve().as_uri()
+    assert images.loc[broken, "status"] == "rejected"
+    reason = images.loc[broken, "reject_reason"]
+    Image.new("RGB", (48, 48), (0, 0, 200)).save(folder / "broken.jpg", "JPEG")  # the user replaces the file
+    assert main(["--store", s, "ingest", "--no-progress", "--json"]) == 0  # settled: not fetched again
+    assert '"fetched": 0' in capsys.readouterr().out
+    assert main(["--store", s, "ingest", "--no-progress", "--json", "--retry-rejected", "http_404"]) == 0
+    assert '"fetched": 0' in capsys.readouterr().out  # another reason: still not fetched
+    assert main(["--store", s, "ingest", "--no-progress", "--json", "--retry-rejected", reason]) == 0
+    assert '"fetched": 1' in capsys.readouterr().out
+    images = store.read_table("images").to_pandas().set_index("first_url")
+    assert images.loc[broken, "status"] == "accepted" and len(images) == 2

@@ -45,8 +45,10 @@ def cmd_ingest(args: argparse.Namespace, settings: Any) -> int:
         bar.set_postfix(accepted=stats["ok"], rejected=stats["bad"], refresh=False)
 
     try:
+        given = args.retry_rejected  # None: not asked; [] or ["all"]: every rejection; else these reasons
+        retry = () if given is None else (True if given in ([], ["all"]) else given)
         summary = run_ingest(store, settings, wnids=args.wnid, limit=args.limit, on_result=on_result,
-                             on_start=lambda n: setattr(bar, "total", n))
+                             on_start=lambda n: setattr(bar, "total", n), retry_rejected=retry)
     finally:
         bar.close()
     if args.json:
@@ -65,7 +67,11 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--concurrency", type=int, help="downloads in flight (ingest.concurrency)")
     p.add_argument("--per-host", type=int, dest="per_host", help="downloads in flight per host (ingest.per_host)")
     p.add_argument("--processes", type=int, help="worker processes, each with its share of the threads (ingest.processes)")
-    p.add_argument("--local-dir", help="root of file:// candidates (collect.local_dir); others are refused")
+    p.add_argument("--local-dir", help="root of file:// candidates (default: collect.local_dir and the roots "
+                   "the collect runs recorded); files elsewhere are refused as outside_local_root")
+    p.add_argument("--retry-rejected", nargs="*", metavar="REASON",
+                   help="fetch again URLs rejected before: all of them, or only these reasons (e.g. decode_error); "
+                   "refusals by the configuration (outside_local_root, blocked_address, ...) are always retried")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_ingest)

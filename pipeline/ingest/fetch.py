@@ -46,6 +46,9 @@ RETRY_STATUS = {429, 500, 502, 503, 504}
 DNS_TTL_S = 60.0  # answers are re-checked on every use; the cache only saves the lookup
 # Reasons that a rerun may try again; every other outcome is settled.
 TRANSIENT_REASONS = frozenset({"timeout", "connection_error", "http_429", "http_5xx", "dns_error"})
+# Refused by the configuration, not by the URL's content: an ingest run tries these again, so a root, network or
+# bucket allowed later takes effect without deleting anything.
+CONFIG_REASONS = frozenset({"no_local_root", "outside_local_root", "blocked_scheme", "blocked_address"})
 
 
 @dataclass(frozen=True)
@@ -443,9 +446,15 @@ class Fetcher:
         return result
 
     def _read_file(self, url: str) -> bytes:
-        path = Path(unquote(urlsplit(url).path)).resolve()
+        given = Path(unquote(urlsplit(url).path))
+        path = given.resolve()
+        if not self._roots:
+            raise _Refused("no_local_root", f"{given}: no local root is configured; file:// candidates are read only "
+                           "under collect.local_dir (a collect run with the local_dir source records it)")
         if not any(path.is_relative_to(r) for r in self._roots):
-            raise _Refused("blocked_scheme", f"{path} is outside the allowed local roots")
+            via = f" (a symlink to {path})" if path != given.absolute() else ""
+            raise _Refused("outside_local_root", f"{given}{via} is outside the local root(s) "
+                           f"{', '.join(map(str, self._roots))}; only files under collect.local_dir are read")
         try:
             size = path.stat().st_size
             if size > self.cfg.max_bytes:

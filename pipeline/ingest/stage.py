@@ -22,11 +22,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from pipeline.faults import failpoint
-from pipeline.ingest.fetch import TRANSIENT_REASONS, FetchConfig, Fetcher
+from pipeline.ingest.fetch import CONFIG_REASONS, TRANSIENT_REASONS, FetchConfig, Fetcher
 from pipeline.ingest.validate import ValidateConfig
 from pipeline.ingest.worker import ContentCache, _worker, process_result
 from pipeline.schemas import arrow_schema
@@ -38,8 +39,14 @@ _NULLABLE = {pa.uint64(): pd.UInt64Dtype(), pa.int64(): pd.Int64Dtype(), pa.int3
 
 
 def table_frame(table: pa.Table) -> pd.DataFrame:
-    """Arrow -> pandas keeping 64-bit hashes exact (uint64 with nulls would otherwise become float64)."""
-    return table.to_pandas(types_mapper=_NULLABLE.get)
+    """Arrow -> pandas keeping 64-bit hashes exact (uint64 with nulls would otherwise become float64); columns an
+    older version of the images table lacks (fetched_at before version 2) come back empty."""
+    df = table.to_pandas(types_mapper=_NULLABLE.get)
+    if "first_url" in df.columns:
+        for f in arrow_schema("images"):
+            if f.name not in df.columns:
+                df[f.name] = pd.Series([None] * len(df), dtype=_NULLABLE.get(f.type, "object"))
+    return df
 
 
 def rows_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -102,11 +109,17 @@ def iter_rows(urls: list[str], fcfg: FetchConfig, vcfg: ValidateConfig, store: A
 
 
 def settle_images(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """Fold images rows (oldest frame first) into one row per URL and mark exact duplicates (pure)."""
+    """Fold images rows into one row per URL, its latest outcome by `fetched_at`, and mark exact duplicates (pure).
+
+    Order by the recorded time, not by frame or part-key order: part keys carry a random attempt id, so a killed
+    attempt's `timeout` row may sort after its retry's `accepted` row. Rows without a time (tables written before
+    images version 2) count as oldest, in frame order."""
     frames = [f for f in frames if len(f)]
     if not frames:
         return rows_frame([])
     df = pd.concat(frames, ignore_index=True)
+    when = pd.to_datetime(df["fetched_at"], utc=True) if "fetched_at" in df.columns else pd.Series(pd.NaT, index=df.index)
+    df = df.iloc[_oldest_first(when)]
     df = df.drop_duplicates("first_url", keep="last")
     has = df["image_id"].notna()
     df.loc[has, "status"] = "accepted"
@@ -114,6 +127,13 @@ def settle_images(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     dup = order.duplicated("image_id", keep="first")
     df.loc[dup[dup].index, "status"] = "duplicate"
     return df.sort_values("first_url", kind="stable").reset_index(drop=True)[IMAGE_COLUMNS]
+
+
+def _oldest_first(when: pd.Series) -> np.ndarray:
+    """Row positions ordered by time, rows without a time first, ties in their given order."""
+    keys = when.to_numpy(dtype="datetime64[us]").astype("int64")
+    keys = np.where(when.isna().to_numpy(), np.iinfo(np.int64).min, keys)
+    return np.argsort(keys, kind="stable")
 
 
 def build_links(candidates: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
@@ -157,11 +177,18 @@ def _read_parts(store: Any) -> list[pd.DataFrame]:
     return [table_frame(store.read_table("images", key=k)) for k in store.list(PARTS_PREFIX) if k.endswith(".parquet")]
 
 
-def settled_urls(frames: Sequence[pd.DataFrame]) -> set[str]:
-    """URLs whose latest outcome is final (not a transient failure)."""
+def settled_urls(frames: Sequence[pd.DataFrame], retry: Sequence[str] | bool = ()) -> set[str]:
+    """URLs whose latest outcome is final: not a transient failure, not a refusal by the configuration (tried again
+    in case the configuration now allows it), and not a rejection `retry` asks for (True: every rejection; or a
+    list of reasons)."""
     latest = settle_images(frames)
-    final = ~latest["reject_reason"].isin(TRANSIENT_REASONS)
-    return set(latest.loc[final, "first_url"])
+    reason = latest["reject_reason"]
+    again = reason.isin(TRANSIENT_REASONS | CONFIG_REASONS)
+    if retry is True:
+        again |= latest["status"] == "rejected"
+    elif retry:
+        again |= reason.isin(set(retry))
+    return set(latest.loc[~again, "first_url"])
 
 
 class _Checkpoint:
@@ -197,6 +224,19 @@ class _Checkpoint:
         failpoint("ingest.part_written")
 
 
+def fetch_config_for(store: Any, settings: Any) -> FetchConfig:
+    """FetchConfig from the settings, with the local roots and S3 buckets the collect runs recorded added."""
+    from urllib.parse import urlsplit
+
+    from pipeline.sources.collect import recorded_roots
+
+    fcfg = FetchConfig.from_settings(settings)
+    roots = recorded_roots(store)
+    buckets = tuple(urlsplit(p).netloc for p in roots["s3_prefix"])
+    return dataclasses.replace(fcfg, file_roots=tuple(dict.fromkeys((*fcfg.file_roots, *roots["local_dir"]))),
+                               s3_buckets=tuple(dict.fromkeys((*fcfg.s3_buckets, *buckets))))
+
+
 def run_ingest(
     store: Any,
     settings: Any,
@@ -208,8 +248,13 @@ def run_ingest(
     on_result: Callable[[dict[str, Any]], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     tag: str | None = None,
+    retry_rejected: Sequence[str] | bool = (),
 ) -> dict[str, Any]:
-    """Fetch and validate every unsettled candidate URL; checkpoint; then (with merge) write the tables."""
+    """Fetch and validate every unsettled candidate URL; checkpoint; then (with merge) write the tables.
+
+    `retry_rejected`: also fetch again URLs rejected before (True: all; or these reasons). Refusals caused by the
+    configuration (local root, networks, schemes) are always tried again. file:// and s3:// candidates are read
+    under the roots in the configuration plus those the collect runs recorded."""
     from pipeline.errors import UserError
     from pipeline.store import MissingKey
 
@@ -220,7 +265,7 @@ def run_ingest(
     if wnids:
         candidates = candidates[candidates["wnid"].isin(set(wnids))]
     existing = table_frame(store.read_table("images", missing_ok=True))
-    done = settled_urls([existing, *_read_parts(store)])
+    done = settled_urls([existing, *_read_parts(store)], retry=retry_rejected)
     # Best-ranked first across synsets, so a partial run covers every synset a little.
     ordered = candidates.sort_values(["rank", "wnid"], kind="stable")["url"].drop_duplicates()
     todo = [u for u in ordered if u not in done]
@@ -228,7 +273,7 @@ def run_ingest(
         todo = todo[:limit]
     if on_start:
         on_start(len(todo))
-    fcfg = fetch_config or FetchConfig.from_settings(settings)
+    fcfg = fetch_config or fetch_config_for(store, settings)
     vcfg = ValidateConfig.from_settings(settings.ingest)
     ckpt = _Checkpoint(store, settings.ingest.flush_every, tag or f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
     counts: Counter[str] = Counter()

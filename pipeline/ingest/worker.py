@@ -7,6 +7,7 @@ fingerprint, store.
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.ingest.fetch import FetchConfig, Fetcher, FetchResult
@@ -36,6 +37,7 @@ def process_result(result: FetchResult, vcfg: ValidateConfig, store: Any, cache:
     """One fetch outcome -> one images row (blob stored when accepted). Never raises for bad input."""
     row: dict[str, Any] = {c: None for c in IMAGE_COLUMNS}
     row["first_url"] = result.url
+    row["fetched_at"] = datetime.now(UTC)  # settling keeps each URL's latest outcome by this time
     if not result.ok:
         row.update(status="rejected", reject_reason=result.reason)
         return row

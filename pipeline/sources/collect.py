@@ -24,10 +24,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from pipeline.errors import UserError
 from pipeline.faults import failpoint
 from pipeline.schemas import arrow_schema
 from pipeline.sources.base import ApiClient, Source, SourceConfigError, SourceError, license_allowed, normalize_url
@@ -238,6 +240,7 @@ def run_collect(
         for s in sources:
             s.close()
     covered = list(synsets["wnid"])
+    record_roots(store, settings, [s.name for s in sources])
     if part:
         store.write_table("candidates", df, key=f"{PARTS_PREFIX}{part}.parquet")
         failpoint("collect.part_written")  # the table part exists, its meta (what merge reads) not yet
@@ -246,6 +249,41 @@ def run_collect(
         existing = store.read_table("candidates", missing_ok=True).to_pandas()
         store.write_table("candidates", merge_candidates(existing, df, covered))
     return _summary(df, errors, len(covered))
+
+
+ROOTS_KEY = "collect/roots.json"
+
+
+def record_roots(store: Any, settings: Any, source_names: Sequence[str]) -> None:
+    """Remember the local folder and S3 prefix a collect run read, so ingest reads those candidates without being
+    told the root again. Roots only accumulate (a later collect with another folder keeps the first one's files
+    readable); the user removes one by editing this small JSON file."""
+    c = settings.collect
+    found = {"local_dir": str(Path(c.local_dir).expanduser().resolve()) if "local_dir" in source_names and c.local_dir else None,
+             "s3_prefix": c.s3_prefix if "s3_prefix" in source_names and c.s3_prefix else None}
+    if not any(found.values()):
+        return
+    roots = recorded_roots(store)
+    changed = False
+    for kind, value in found.items():
+        if value and value not in roots[kind]:
+            roots[kind].append(value)
+            changed = True
+    if changed:
+        store.put(ROOTS_KEY, json.dumps(roots, indent=1).encode())
+
+
+def recorded_roots(store: Any) -> dict[str, list[str]]:
+    """{"local_dir": [...], "s3_prefix": [...]} recorded by collect runs (empty lists when none)."""
+    from pipeline.store import MissingKey
+
+    try:
+        data = json.loads(store.get(ROOTS_KEY))
+    except MissingKey:
+        data = {}
+    except ValueError as exc:
+        raise UserError(f"{store.url}/{ROOTS_KEY} is not valid JSON ({exc}); fix or delete it and rerun collect") from None
+    return {k: [str(v) for v in data.get(k, []) if v] for k in ("local_dir", "s3_prefix")}
 
 
 def merge_collect_parts(store: Any) -> dict[str, Any]:

@@ -158,12 +158,31 @@ class CrowdSettings(Section):
 
 
 class ReleaseSettings(Section):
-    val_per_class: int = Field(50, ge=0)
-    test_per_class: int = Field(100, ge=0)
+    val_per_class: int | float = Field(
+        50, description="val images per class: a count (>= 0) or a fraction in (0, 1) of each class's images")
+    test_per_class: int | float = Field(
+        100, description="test images per class: a count (>= 0) or a fraction in (0, 1) of each class's images")
     split_salt: str = "synsetforge"
     neardup_check: bool = Field(True, description="drop train images that are near-duplicates of val/test images")
     report_thumbs_per_class: int = Field(8, ge=0, description="thumbnails per class in report.html")
     report_max_thumb_classes: int = Field(200, ge=0, description="classes shown in the thumbnail grid")
+
+    @field_validator("val_per_class", "test_per_class")
+    @classmethod
+    def _quota(cls, v: int | float) -> int | float:
+        """A whole number is a count (50.0 is 50); anything else must be a fraction strictly between 0 and 1."""
+        if isinstance(v, bool):
+            raise ValueError("expected a count or a fraction, not a boolean")
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError("a count must be >= 0")
+            return v
+        if not 0.0 < v < 1.0:
+            raise ValueError("a fraction must lie strictly between 0 and 1 (e.g. 0.1); write a count as a whole "
+                             "number (e.g. 50)")
+        return v
 
 
 class Settings(Section):
@@ -188,15 +207,33 @@ class Settings(Section):
         return hashlib.sha256(blob).hexdigest()
 
 
+def _annotation_has(annotation: Any, kind: type) -> bool:
+    """Whether a field's type is `kind`, or a list / Optional / union containing it (SecretStr | None, list[str])."""
+    import typing
+
+    if annotation is kind:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is not None and origin is kind:
+        return True
+    return any(_annotation_has(a, kind) for a in typing.get_args(annotation))
+
+
 def _secret_paths(model: BaseModel, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     paths = []
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
         if isinstance(value, BaseModel):
             paths += _secret_paths(value, prefix + (name,))
-        elif field.annotation is not None and "SecretStr" in str(field.annotation):
+        elif _annotation_has(field.annotation, SecretStr):
             paths.append(prefix + (name,))
     return paths
+
+
+def _is_list_field(section: str, field: str) -> bool:
+    model = Settings.model_fields.get(section)
+    info = model.annotation.model_fields.get(field) if model is not None and isinstance(model.annotation, type) else None
+    return info is not None and _annotation_has(info.annotation, list)
 
 
 def _drop_secrets(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
@@ -223,12 +260,10 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
                 parsed: Any = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{key}: not valid JSON: {exc}") from None
-        elif "," in text and field in ("roots", "exclude", "sources", "allowed_licenses"):
+        elif _is_list_field(section, field):  # a comma list: "a,b"; one value; or "" for an empty list
             parsed = [t.strip() for t in text.split(",") if t.strip()]
         else:
             parsed = text
-        if field in ("roots", "exclude", "sources", "allowed_licenses") and isinstance(parsed, str):
-            parsed = [parsed] if parsed else []
         out.setdefault(section, {})[field] = parsed
     return out
 

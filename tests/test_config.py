@@ -46,3 +46,53 @@ def test_secrets_only_from_env_and_never_printed(tmp_path):
 def test_list_fields_from_env():
     s = load_settings(env={"SYNSETFORGE__VOCABULARY__ROOTS": "n1, n2", "SYNSETFORGE__VOCABULARY__EXCLUDE": '["n3"]'})
     assert s.vocabulary.roots == ["n1", "n2"] and s.vocabulary.exclude == ["n3"]
+
+
+def test_every_list_field_reads_a_comma_list_from_the_environment():
+    """List fields are found from their types, not from a list of names (SYNSETFORGE__INGEST__ALLOWED_NETWORKS
+    once failed validation)."""
+    import typing
+
+    from pipeline.config import Settings, _annotation_has
+
+    found = []
+    for section, sfield in Settings.model_fields.items():
+        for name, field in sfield.annotation.model_fields.items():
+            if not _annotation_has(field.annotation, list):
+                continue
+            args = [a for a in typing.get_args(field.annotation) if typing.get_origin(a) is list] or [field.annotation]
+            item = typing.get_args(args[0])[0] if typing.get_args(args[0]) else str
+            if item is not str:
+                continue
+            env = {f"SYNSETFORGE__{section.upper()}__{name.upper()}": "jpeg, png"}
+            found.append(f"{section}.{name}")
+            try:
+                value = getattr(getattr(load_settings(env=env), section), name)
+            except Exception as exc:  # noqa: BLE001 - a validator may refuse these values, but not the shape
+                assert "list" not in str(exc).lower(), (section, name, exc)
+                continue
+            assert value == ["jpeg", "png"], (section, name, value)
+    assert {"ingest.allowed_networks", "vocabulary.roots", "collect.sources", "ingest.allowed_formats"} <= set(found)
+    s = load_settings(env={"SYNSETFORGE__INGEST__ALLOWED_NETWORKS": "127.0.0.0/8"})
+    assert s.ingest.allowed_networks == ["127.0.0.0/8"]
+
+
+def test_secrets_are_found_by_type_whatever_the_annotation_spelling():
+    from typing import Literal, Optional, Union
+
+    from pydantic import BaseModel, SecretStr
+
+    from pipeline.config import _secret_paths
+
+    class Inner(BaseModel):
+        a: SecretStr | None = None
+        b: Optional[SecretStr] = None  # noqa: UP045 - the spelling is what is tested
+        c: Union[SecretStr, None] = None  # noqa: UP007
+        d: str = "not secret"
+        mode: Literal["SecretStr", "plain"] = "plain"  # names the type but holds no secret
+
+    class Outer(BaseModel):
+        inner: Inner = Inner()
+        e: SecretStr = SecretStr("x")
+
+    assert sorted(_secret_paths(Outer())) == [("e",), ("inner", "a"), ("inner", "b"), ("inner", "c")]

@@ -391,10 +391,21 @@ def evaluate(task: str, predictions: str | Path, gt: GroundTruth, *, ap_method: 
     raise EvaluationInputError(f"unknown task {task!r}; use cls, loc or det")
 
 
-def ground_truth_from_files(ground_truth: str | Path, mapping: str | Path) -> GroundTruth:
-    """Classification ground truth from devkit text files alone (no store): images are named by line number."""
-    wnids = read_mapping(mapping)
-    labels = read_ground_truth_file(ground_truth, len(wnids))
+def ground_truth_from_files(ground_truth: str | Path, mapping: str | Path | None = None,
+                            n_classes: int | None = None) -> GroundTruth:
+    """Classification ground truth from devkit text files alone (no store): images are named by line number.
+
+    Without a mapping, prediction and truth are both the devkit's 1-based indices and nothing needs a wnid: the
+    classes are 1..n_classes (default: the largest index in the ground truth)."""
+    if mapping is not None:
+        wnids = read_mapping(mapping)
+        labels = read_ground_truth_file(ground_truth, len(wnids))
+    else:
+        labels = read_ground_truth_file(ground_truth, n_classes)
+        k = n_classes or max(labels, default=0)
+        if k < 1:
+            raise EvaluationInputError(f"{ground_truth}: no ground-truth lines")
+        wnids = [f"class {i}" for i in range(1, k + 1)]
     order = [f"{k:08d}" for k in range(1, len(labels) + 1)]
     return GroundTruth(order, dict(zip(order, labels, strict=True)),
                        pd.DataFrame(columns=["image_id", "cls", *BOX]), wnids)
@@ -423,10 +434,11 @@ def _cmd(args: argparse.Namespace, settings: Any) -> int:
         if args.release:
             store = store_from_settings(settings)
             gt = ground_truth_from_release(store, args.release, args.split)
-        elif args.ground_truth and args.mapping and args.task == "cls":
-            gt = ground_truth_from_files(args.ground_truth, args.mapping)
+        elif args.ground_truth and args.task == "cls":
+            gt = ground_truth_from_files(args.ground_truth, args.mapping, args.n_classes)
         else:
-            raise UserError("give --release V, or for --task cls --ground-truth FILE and --mapping FILE")
+            raise UserError("give --release V, or for --task cls --ground-truth FILE (with --mapping FILE or "
+                            "--n-classes N when predictions may name classes the ground truth never uses)")
         res = evaluate(args.task, args.predictions, gt, ap_method=args.ap)
     except (EvaluationInputError, ReleaseError) as exc:
         raise UserError(str(exc)) from None
@@ -444,7 +456,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--predictions", required=True, help="devkit text file or Parquet")
     p.add_argument("--split", default="val", choices=["val", "test"], help="split to score (default val)")
     p.add_argument("--ground-truth", help="devkit ground-truth file (cls without a store)")
-    p.add_argument("--mapping", help="devkit mapping file index <-> wnid (with --ground-truth)")
+    p.add_argument("--mapping", help="devkit mapping file index <-> wnid (with --ground-truth; optional)")
+    p.add_argument("--n-classes", type=int, help="number of classes when there is no mapping (default: the largest "
+                   "index in the ground truth)")
     p.add_argument("--ap", default="voc", choices=["voc", "coco101", "voc07"], help="AP interpolation for det")
     p.add_argument("--json", help="also write the full result as JSON here")
     p.set_defaults(func=_cmd)

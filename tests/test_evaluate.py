@@ -240,3 +240,27 @@ def test_end_to_end_from_release_and_devkit_files(release, tmp_path, capsys):
     assert main(["--store", root, "evaluate", "--release", "v1", "--task", "cls", "--predictions", str(bad)]) == 2
     assert "not in the evaluated split" in capsys.readouterr().err
     assert main(["--store", root, "evaluate", "--release", "v9", "--task", "cls", "--predictions", str(sub)]) == 2
+
+
+def test_cls_from_devkit_indices_needs_no_mapping(tmp_path, capsys):
+    """Prediction and truth both in the devkit's 1-based indices: no wnid is needed, so no --mapping."""
+    from pipeline.cli import main
+
+    truth = [1, 2, 3, 2, 1]
+    (tmp_path / "gt.txt").write_text("".join(f"{k}\n" for k in truth))
+    # right first guess on 3 images, right second guess on one, wrong on the last
+    (tmp_path / "sub.txt").write_text("1 2\n2\n3 1\n1 2\n3\n")
+    assert main(["evaluate", "--task", "cls", "--ground-truth", str(tmp_path / "gt.txt"),
+                 "--predictions", str(tmp_path / "sub.txt"), "--json", str(tmp_path / "r.json")]) == 0
+    import json
+
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["n_images"] == 5 and res["top1_error"] == 2 / 5 and res["top5_error"] == 1 / 5
+    capsys.readouterr()
+    # A guess beyond the ground truth's classes needs the class count: a clear error names the option.
+    (tmp_path / "sub.txt").write_text("7\n2\n3\n2\n1\n")
+    assert main(["evaluate", "--task", "cls", "--ground-truth", str(tmp_path / "gt.txt"),
+                 "--predictions", str(tmp_path / "sub.txt")]) == 2
+    assert "outside 1..3" in capsys.readouterr().err
+    assert main(["evaluate", "--task", "cls", "--ground-truth", str(tmp_path / "gt.txt"), "--n-classes", "10",
+                 "--predictions", str(tmp_path / "sub.txt")]) == 0

@@ -2,12 +2,17 @@
 
 Pure core: `plan_release` decides (accepted labels of accepted images, one primary class per image,
 splits, near-duplicate leakage) on integer codes (`IdIndex` joins the string ids); `select_boxes` and
-`assemble` finish the tables.
+`assemble` finish the tables; `class_splits` + `check_splits` refuse a release that would leave a class
+without a train or a val image (unless forced).
 I/O shell: `build_release(store, version, ...)` runs the same steps staged, so that about one big table is
 in memory at a time (images are read narrow for the decision, and only their other columns afterwards, to be
 written), writes releases/<version>/data/<table>-<sha256[:16]>.parquet (encoded, hashed and fsynced on a
 second thread while the next table is read), then manifest.json with an exclusive put once every data file
-is durable.
+is durable. `plan_from_store` makes the same decision and writes nothing (`synsetforge release plan`).
+
+Released images carry their first URL's attribution from the candidates table (pipeline.release.attribution);
+a store without a boxes table gives a classification-only release (an empty boxes table), one without a
+candidates table a release whose attribution columns are null.
 
     >>> import tempfile
     >>> from pipeline.store import open_store
@@ -26,6 +31,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,9 +44,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.release.attribution import ATTRIBUTION_COLUMNS, attribution_for, empty_attribution, portable_urls
 from pipeline.release.manifest import (
     ReleaseError,
     ReleaseExists,
+    ReleaseInputError,
+    ReleaseTooSmall,
     manifest_key,
     read_manifest,
     read_release_table,
@@ -52,24 +61,37 @@ from pipeline.release.splits import (
     SPLITS,
     TRAIN,
     CrossDuplicates,
+    Quota,
     argsort_stable,
+    check_quota,
+    class_quotas,
     class_then_key_order,
     split_codes,
     split_keys,
     train_near_duplicates_rows,
 )
-from pipeline.schemas import arrow_schema, schema_version, validate
+from pipeline.schemas import arrow_schema, empty_table, schema_version, validate
 from pipeline.store import KeyExists, LocalStore, Store
 
 # table in the release -> schema it is validated against
-RELEASE_TABLES = {"synsets": "synsets", "images": "images", "labels": "release_labels", "boxes": "boxes"}
+RELEASE_TABLES = {"synsets": "synsets", "images": "release_images", "labels": "release_labels", "boxes": "boxes"}
+MANIFEST_VERSION = 2
 
 
 @dataclass
 class SplitPolicy:
-    val_per_class: int = 50
-    test_per_class: int = 100
+    """Per-class val and test quotas (a count, or a fraction in (0, 1) of each class's images) and the salt."""
+
+    val_per_class: Quota = 50
+    test_per_class: Quota = 100
     salt: str = "synsetforge"
+
+    def __post_init__(self) -> None:
+        try:
+            self.val_per_class = check_quota(self.val_per_class, "val_per_class")
+            self.test_per_class = check_quota(self.test_per_class, "test_per_class")
+        except ValueError as exc:
+            raise ReleaseInputError(f"release split policy: {exc}") from None
 
 
 @dataclass
@@ -77,7 +99,8 @@ class Inputs:
     synsets: pa.Table
     images: pa.Table
     labels: pa.Table
-    boxes: pa.Table
+    boxes: pa.Table | None = None  # None: no boxes table (a classification-only release)
+    candidates: pa.Table | None = None  # None: no attribution
 
 
 @dataclass
@@ -96,6 +119,7 @@ class Plan:
     primary_class: np.ndarray  # class code of each image's released primary label, -1 if none
     other_pairs: np.ndarray  # image_code * n_classes + class_code of released non-primary labels, sorted
     split_counts: np.ndarray  # n_classes x 3 (train, val, test) primary images
+    quotas: np.ndarray  # n_classes x 2 (val, test) images asked of each class
     splits: dict[str, int]
     neardup_dropped: int
     kept_from_parent: int
@@ -110,6 +134,7 @@ class Assembled:
     neardup_dropped: int
     kept_from_parent: int
     stats: dict[str, Any] = field(default_factory=dict)
+    qc_methods: list[str] = field(default_factory=list)
 
 
 def _col(table: pa.Table, name: str) -> np.ndarray:
@@ -330,8 +355,9 @@ def plan_release(
             raise ValueError(f"parent release has unknown split values; expected {SPLITS}")
         by_code[pc_img[pc_img >= 0]] = psplit[pc_img >= 0].astype(np.int8)
         parent_codes = by_code[prim_img]
-    split = split_codes(prim_cls, keys, parent_codes, val_per_class=policy.val_per_class,
-                        test_per_class=policy.test_per_class)
+    sizes = np.bincount(prim_cls, minlength=n_cls)
+    quotas = np.stack([class_quotas(policy.val_per_class, sizes), class_quotas(policy.test_per_class, sizes)], axis=1)
+    split = split_codes(prim_cls, keys, parent_codes, val_per_class=quotas[:, 0], test_per_class=quotas[:, 1])
 
     kept = np.ones(len(prim), dtype=bool)
     if neardup:
@@ -371,6 +397,7 @@ def plan_release(
         primary_class=primary_class,
         other_pairs=np.unique(lab_img[other] * n_cls + lab_cls[other]),
         split_counts=counts,
+        quotas=quotas.reshape(-1, 2),
         splits={s: int(counts[:, k].sum()) for k, s in enumerate(SPLITS)},
         neardup_dropped=n_dropped,
         kept_from_parent=int(((parent_codes >= 0) & kept).sum()),
@@ -406,6 +433,107 @@ def class_counts(plan: Plan, boxes: pa.Table) -> dict[str, dict[str, int]]:
             for k, w in enumerate(plan.wnids.to_pylist())}
 
 
+def class_splits(plan: Plan, synsets: pa.Table) -> pd.DataFrame:
+    """Per class (wnid order): wnid, synset name, train / val / test images, total, and the val / test quotas
+    asked of it."""
+    names = dict(zip(synsets.column("wnid").to_pylist(), synsets.column("name").to_pylist(), strict=True))
+    wnids = plan.wnids.to_pylist()
+    n = len(wnids)
+    counts, quotas = plan.split_counts[:n], plan.quotas[:n]
+    df = pd.DataFrame({"wnid": wnids, "name": [names.get(w) or "" for w in wnids],
+                       "train": counts[:, 0], "val": counts[:, 1], "test": counts[:, 2]})
+    df["images"] = df.train + df.val + df.test
+    df["val_quota"], df["test_quota"] = quotas[:, 0], quotas[:, 1]
+    return df
+
+
+def _quota_text(q: Quota) -> str:
+    return f"{q:g} of each class's images" if isinstance(q, float) else str(q)
+
+
+def check_splits(classes: pd.DataFrame, policy: SplitPolicy, *, force: bool = False, what: str = "the release"
+                 ) -> list[dict[str, Any]]:
+    """Classes (from `class_splits`) left without a train or a val image, as dicts. Raises ReleaseTooSmall,
+    naming them and what to change, unless `force`."""
+    bad = classes[(classes.train == 0) | (classes.val == 0)]
+    found = [{"wnid": r.wnid, "name": r.name, "train": int(r.train), "val": int(r.val), "test": int(r.test)}
+             for r in bad.itertuples()]
+    if not found or force:
+        return found
+    listed = "; ".join(f"{r['wnid']} {r['name']}: {r['train']} train, {r['val']} val, {r['test']} test"
+                       for r in found[:20]) + (f"; and {len(found) - 20} more" if len(found) > 20 else "")
+    fixes = []
+    empty = int((bad.images == 0).sum())
+    if empty:
+        fixes.append(f"{empty} of them have no accepted image at all: get images of them accepted (collect, verify) "
+                     "or leave them out of the vocabulary (vocabulary.exclude)")
+    if ((bad.images > 0) & (bad.val == 0) & (bad.val_quota == 0)).any():
+        fixes.append(f"release.val_per_class is {_quota_text(policy.val_per_class)}, which gives these classes no "
+                     "val image: raise it (e.g. 1, or a fraction such as 0.1)")
+    if ((bad.images > 0) & (bad.train == 0)).any():
+        fixes.append(f"val and test take all their images (release.val_per_class {_quota_text(policy.val_per_class)}"
+                     f", release.test_per_class {_quota_text(policy.test_per_class)}): lower them or use fractions "
+                     "(e.g. 0.1 and 0.1), or get more of their images accepted")
+    raise ReleaseTooSmall(
+        f"{what} would leave {len(found)} of {len(classes)} classes without a train or a val image: {listed}. "
+        + ". ".join(f[0].upper() + f[1:] for f in fixes)
+        + ". `synsetforge release plan` shows the counts per class; `release build --force` builds it anyway.",
+        found)
+
+
+def qc_methods(labels: pa.Table) -> list[str]:
+    """Distinct labels.method values (the QC methods that accepted the released labels), sorted."""
+    return sorted(m for m in pc.unique(labels["method"]).to_pylist() if m is not None)
+
+
+def _combine(base: pa.Table, extra: pa.Table | None) -> pa.Table:
+    """`base` with the columns of `extra` (same rows) replacing or added to its own."""
+    if extra is None:
+        return base
+    for name in extra.column_names:
+        i = base.schema.get_field_index(name)
+        col = extra.column(name)
+        base = base.set_column(i, name, col) if i >= 0 else base.append_column(name, col)
+    return base
+
+
+def _fill_nullable(name: str, table: pa.Table) -> pa.Table:
+    """`table` with null columns for the nullable schema columns it lacks (an input written before the column
+    existed), and without the columns schema `name` does not have."""
+    schema = arrow_schema(name)
+    table = table.select([c for c in table.column_names if c in schema.names])
+    for f in schema:
+        if f.name not in table.column_names and f.nullable:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    return table
+
+
+def image_extra(first_urls: pa.Array | pa.ChunkedArray, candidates: Any, roots: Sequence[str] = ()) -> pa.Table:
+    """The release images columns that do not come from the images table, aligned with `first_urls`: the
+    portable first_url (no absolute local path) and the candidate record's attribution."""
+    urls = first_urls.combine_chunks() if isinstance(first_urls, pa.ChunkedArray) else first_urls
+    attribution = attribution_for(urls, candidates, roots) if candidates is not None else empty_attribution(len(urls))
+    return _combine(pa.table({"first_url": portable_urls(urls, roots)}), attribution)
+
+
+def release_images(images: pa.Table, rows: np.ndarray, candidates: Any = None, roots: Sequence[str] = ()
+                   ) -> pa.Table:
+    """The release images table: rows `rows` of the images table plus `image_extra` (in memory)."""
+    sel = images.take(pa.array(rows, pa.int64()))
+    return validate("release_images", _fill_nullable("release_images",
+                                                     _combine(sel, image_extra(sel["first_url"], candidates, roots))))
+
+
+def _attribution_stats(extra: pa.Table, have_candidates: bool) -> dict[str, Any]:
+    return {"candidates_table": have_candidates,
+            "images_with_license": int(pc.count(extra["license"]).as_py()),
+            "images_with_creator": int(pc.count(extra["creator"]).as_py())}
+
+
+def _candidate_batches(candidates: pa.Table | None) -> list[pa.Table] | None:
+    return None if candidates is None else [candidates]
+
+
 def assemble(
     inputs: Inputs,
     policy: SplitPolicy,
@@ -413,18 +541,24 @@ def assemble(
     *,
     neardup: bool = True,
     cross_duplicates: CrossDuplicates | None = None,
+    roots: Sequence[str] = (),
+    plan: Plan | None = None,
 ) -> Assembled:
     """The release tables from in-memory input tables (the pure core; build_release stages the same steps
-    so that only about one big table is in memory at a time)."""
-    plan = plan_release(inputs.synsets, inputs.images, inputs.labels, policy, parent_splits, neardup=neardup,
-                        cross_duplicates=cross_duplicates)
-    boxes, not_accepted = select_boxes(inputs.boxes, plan)
+    so that only about one big table is in memory at a time). `plan`: one already made from these inputs."""
+    if plan is None:
+        plan = plan_release(inputs.synsets, inputs.images, inputs.labels, policy, parent_splits, neardup=neardup,
+                            cross_duplicates=cross_duplicates)
+    boxes_in = inputs.boxes if inputs.boxes is not None else empty_table("boxes")
+    boxes, not_accepted = select_boxes(boxes_in, plan)
+    images = release_images(inputs.images, plan.image_rows, _candidate_batches(inputs.candidates), roots)
     return Assembled(
-        tables={"synsets": sorted_synsets(inputs.synsets), "images": inputs.images.take(pa.array(plan.image_rows)),
-                "labels": plan.labels, "boxes": boxes},
+        tables={"synsets": sorted_synsets(inputs.synsets), "images": images, "labels": plan.labels, "boxes": boxes},
         splits=plan.splits, classes=class_counts(plan, boxes),
         neardup_dropped=plan.neardup_dropped, kept_from_parent=plan.kept_from_parent,
-        stats={**plan.stats, "boxes_not_accepted": not_accepted},
+        stats={**plan.stats, "boxes_not_accepted": not_accepted, "boxes_table": inputs.boxes is not None,
+               **_attribution_stats(images, inputs.candidates is not None)},
+        qc_methods=qc_methods(plan.labels),
     )
 
 
@@ -454,50 +588,48 @@ def code_version() -> str:
 
 ROW_GROUP = 1 << 20  # pyarrow's default row group size
 
+# finish(piece, start, stop): the piece of rows rows[start:stop] as it is written (extra columns joined)
+Finish = Callable[[pa.Table, int, int], pa.Table]
 
-def _parquet_bytes(table: pa.Table, rows: np.ndarray | None = None) -> tuple[pa.Buffer, int]:
+
+def _parquet_bytes(table: pa.Table, rows: np.ndarray | None = None, finish: Finish | None = None,
+                   schema: pa.Schema | None = None) -> tuple[pa.Buffer, int]:
     """Parquet (zstd) of `table`, or of its `rows` in that order, taken one row group at a time so the
     selected copy never exists in full."""
     sink = pa.BufferOutputStream()
-    schema = table.schema
     if rows is None:
         pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP)
         return sink.getvalue(), table.num_rows
-    with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
-        _write_rows(writer, table, rows)
+    with pq.ParquetWriter(sink, schema or table.schema, compression="zstd") as writer:
+        _write_rows(writer, table, rows, finish)
     return sink.getvalue(), len(rows)
 
 
-def _write_rows(writer: pq.ParquetWriter, table: pa.Table, rows: np.ndarray) -> None:
+def _write_rows(writer: pq.ParquetWriter, table: pa.Table, rows: np.ndarray, finish: Finish | None = None) -> None:
     """Write `table` rows `rows` (ascending) one row group at a time: long runs of consecutive rows are
-    zero-copy slices, scattered rows are taken."""
+    zero-copy slices, scattered rows are taken. `finish` turns each piece into what is written."""
+    fin = finish or (lambda piece, start, stop: piece)
     if not len(rows):
-        writer.write_table(table.schema.empty_table())
+        writer.write_table(fin(table.slice(0, 0), 0, 0))
         return
     breaks = np.nonzero(np.diff(rows) != 1)[0] + 1
     starts, ends = np.r_[0, breaks], np.r_[breaks, len(rows)]
     if len(rows) / len(starts) < 64:  # short runs: a gather per row group is cheaper than many slices
         for start in range(0, len(rows), ROW_GROUP):
-            writer.write_table(table.take(pa.array(rows[start:start + ROW_GROUP])), row_group_size=ROW_GROUP)
+            stop = min(start + ROW_GROUP, len(rows))
+            writer.write_table(fin(table.take(pa.array(rows[start:stop])), start, stop), row_group_size=ROW_GROUP)
         return
     pieces: list[pa.Table] = []
-    n = 0
+    n = done = 0
     for a, b in zip(starts, ends, strict=True):
         pieces.append(table.slice(int(rows[a]), int(b - a)))
         n += int(b - a)
         if n >= ROW_GROUP:
-            writer.write_table(pa.concat_tables(pieces), row_group_size=ROW_GROUP)
+            writer.write_table(fin(pa.concat_tables(pieces), done, done + n), row_group_size=ROW_GROUP)
+            done += n
             pieces, n = [], 0
     if pieces:
-        writer.write_table(pa.concat_tables(pieces), row_group_size=ROW_GROUP)
-
-
-def _put_data_file(store: Store, prefix: str, name: str, table: pa.Table, rows: np.ndarray | None = None
-                   ) -> dict[str, Any]:
-    """Write one table as content-addressed Parquet under the release prefix; return its manifest entry."""
-    with _Publisher(store, prefix, background=False) as pub:
-        pub.put(name, table, rows)
-        return pub.entries()[name]
+        writer.write_table(fin(pa.concat_tables(pieces), done, done + n), row_group_size=ROW_GROUP)
 
 
 class _Publisher:
@@ -523,27 +655,41 @@ class _Publisher:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)  # a failed build still removes its temp files
 
-    def put(self, name: str, table: pa.Table, rows: np.ndarray | None = None) -> None:
-        table = validate(RELEASE_TABLES[name], table)  # in the caller: a schema error surfaces where it happens
-        if self._pool is None:
-            self._pending[name] = self._write(name, table, rows)
+    def put(self, name: str, table: pa.Table, rows: np.ndarray | None = None, extra: pa.Table | None = None) -> None:
+        """Publish `table` (its `rows`, if given) as release table `name`. `extra`: columns aligned with
+        `rows` that replace or join the table's own, one row group at a time."""
+        schema_name = RELEASE_TABLES[name]
+        finish: Finish | None = None
+        if extra is None or rows is None:
+            # in the caller: a schema error surfaces where it happens
+            table = validate(schema_name, _fill_nullable(schema_name, _combine(table, extra)))
         else:
-            self._pending[name] = self._pool.submit(self._write, name, table, rows)
+            if len(extra) != len(rows):
+                raise ValueError(f"{name}: {len(extra)} extra rows for {len(rows)} rows")
+            validate(schema_name, _fill_nullable(schema_name, _combine(table.slice(0, 0), extra.slice(0, 0))))
 
-    def _write(self, name: str, table: pa.Table, rows: np.ndarray | None) -> dict[str, Any]:
+            def finish(piece: pa.Table, start: int, stop: int) -> pa.Table:
+                return validate(schema_name, _fill_nullable(schema_name, _combine(piece, extra.slice(start, stop - start))))
+        if self._pool is None:
+            self._pending[name] = self._write(name, table, rows, finish)
+        else:
+            self._pending[name] = self._pool.submit(self._write, name, table, rows, finish)
+
+    def _write(self, name: str, table: pa.Table, rows: np.ndarray | None, finish: Finish | None) -> dict[str, Any]:
         facts = {"schema": RELEASE_TABLES[name], "schema_version": schema_version(RELEASE_TABLES[name])}
+        schema = arrow_schema(RELEASE_TABLES[name])
         if not self.local:
-            return {**_put_remote_file(self.store, self.prefix, name, table, rows), **facts}
-        return {**_put_local_file(self.store, self.prefix, name, table, rows), **facts}
+            return {**_put_remote_file(self.store, self.prefix, name, table, rows, finish, schema), **facts}
+        return {**_put_local_file(self.store, self.prefix, name, table, rows, finish, schema), **facts}
 
     def entries(self) -> dict[str, dict[str, Any]]:
         """Manifest entries of every file put, once each is durable under its content name."""
         return {name: p.result() if isinstance(p, Future) else p for name, p in self._pending.items()}
 
 
-def _put_remote_file(store: Store, prefix: str, name: str, table: pa.Table, rows: np.ndarray | None
-                     ) -> dict[str, Any]:
-    buf, n_rows = _parquet_bytes(table, rows)
+def _put_remote_file(store: Store, prefix: str, name: str, table: pa.Table, rows: np.ndarray | None,
+                     finish: Finish | None = None, schema: pa.Schema | None = None) -> dict[str, Any]:
+    buf, n_rows = _parquet_bytes(table, rows, finish, schema)
     digest = hashlib.sha256(memoryview(buf)).hexdigest()
     rel = f"data/{name}-{digest[:16]}.parquet"
     key = f"{prefix}/{rel}"
@@ -555,15 +701,16 @@ def _put_remote_file(store: Store, prefix: str, name: str, table: pa.Table, rows
     return {"key": rel, "sha256": digest, "n_bytes": buf.size, "rows": n_rows}
 
 
-def _put_local_file(store: LocalStore, prefix: str, name: str, table: pa.Table, rows: np.ndarray | None
-                    ) -> dict[str, Any]:
+def _put_local_file(store: LocalStore, prefix: str, name: str, table: pa.Table, rows: np.ndarray | None,
+                    finish: Finish | None = None, schema: pa.Schema | None = None) -> dict[str, Any]:
     """Local backend: stream the Parquet into a hidden temp file, hash it, then link it to its content name
     (the same atomic, exclusive create LocalStore.put does, without holding the file in memory)."""
-    entry = _finish_local_file(store, prefix, name, _write_local_tmp(store, prefix, table, rows))
+    entry = _finish_local_file(store, prefix, name, _write_local_tmp(store, prefix, table, rows, finish, schema))
     return {**entry, "rows": table.num_rows if rows is None else len(rows)}
 
 
-def _write_local_tmp(store: LocalStore, prefix: str, table: pa.Table, rows: np.ndarray | None) -> str:
+def _write_local_tmp(store: LocalStore, prefix: str, table: pa.Table, rows: np.ndarray | None,
+                     finish: Finish | None = None, schema: pa.Schema | None = None) -> str:
     """Parquet (zstd) of `table` (or of its `rows`) streamed into a hidden temp file in the release's data
     folder; returns its path."""
     folder = store.path(f"{prefix}/data/x").parent
@@ -571,11 +718,12 @@ def _write_local_tmp(store: LocalStore, prefix: str, table: pa.Table, rows: np.n
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".parquet")
     os.close(fd)
     try:
-        with pq.ParquetWriter(tmp, table.schema, compression="zstd") as writer:
+        with pq.ParquetWriter(tmp, schema if rows is not None and schema is not None else table.schema,
+                              compression="zstd") as writer:
             if rows is None:
                 writer.write_table(table, row_group_size=ROW_GROUP)
             else:
-                _write_rows(writer, table, rows)
+                _write_rows(writer, table, rows, finish)
     except BaseException:
         os.unlink(tmp)
         raise
@@ -632,8 +780,28 @@ def _input_file(store: Store, name: str) -> pa.NativeFile | None:
     return None
 
 
+def _input_batches(store: Store, name: str, columns: list[str]) -> Any:
+    """Batches of `columns` of an input table, or None without the table. Local: read a row group at a time
+    (only what the caller keeps of each batch stays in memory)."""
+    if not store.has_table(name):
+        return None
+    if isinstance(store, LocalStore):
+        return pq.ParquetFile(str(store.path(f"tables/{name}.parquet"))).iter_batches(batch_size=1 << 20,
+                                                                                      columns=columns)
+    return store.read_table(name).select(columns).to_batches(max_chunksize=1 << 20)
+
+
+def _read_optional(store: Store, name: str) -> pa.Table | None:
+    return store.read_table(name) if store.has_table(name) else None
+
+
+CANDIDATE_COLUMNS = ["url", "wnid", "rank", *ATTRIBUTION_COLUMNS]
+
+
 def read_inputs(store: Store) -> Inputs:
-    return Inputs(**{name: store.read_table(name) for name in ("synsets", "images", "labels", "boxes")})
+    """The input tables in memory (boxes and candidates are optional: None when absent)."""
+    return Inputs(**{name: store.read_table(name) for name in ("synsets", "images", "labels")},
+                  boxes=_read_optional(store, "boxes"), candidates=_read_optional(store, "candidates"))
 
 
 def parent_splits(store: Store, parent: str) -> pd.DataFrame:
@@ -652,6 +820,56 @@ def _return_freed_memory() -> None:
         pass
 
 
+@dataclass
+class ReleasePlan:
+    """What a build would publish, decided and not written: per-class splits (`class_splits`), totals, the
+    classes left without a train or val image, and the QC methods of the labels it would release."""
+
+    classes: pd.DataFrame
+    splits: dict[str, int]
+    neardup_dropped: int
+    kept_from_parent: int
+    short_classes: list[dict[str, Any]]
+    qc_methods: list[str]
+    policy: SplitPolicy
+
+
+def _decide(store: Store, policy: SplitPolicy, parent_df: pd.DataFrame | None, *, neardup: bool,
+            cross_duplicates: CrossDuplicates | None) -> tuple[pa.Table, pa.Table, pa.NativeFile | None, Plan]:
+    """Read what the decision needs and make it: (sorted synsets, narrow images, the images file, plan)."""
+    synsets = sorted_synsets(_read_input(store, "synsets"))
+    # deciding needs only a few image columns (ids, status, fingerprints for the near-duplicate search);
+    # the other columns are read afterwards, when labels and their temporaries are gone
+    wide = {"storage_key", "first_url", "format", "reject_reason", "width", "height", "n_bytes", "fetched_at"}
+    cols = [c for c in arrow_schema("images").names if c not in wide] if neardup else ["image_id", "status"]
+    images_file = _input_file(store, "images")  # every image read below sees the same rows
+    narrow = _read_input(store, "images", cols, source=images_file)
+    plan = plan_release(synsets, narrow, _read_input(store, "labels"), policy, parent_df, neardup=neardup,
+                        cross_duplicates=cross_duplicates)
+    return synsets, narrow, images_file, plan
+
+
+def plan_from_store(
+    store: Store,
+    *,
+    parent: str | None = None,
+    val_per_class: Quota = 50,
+    test_per_class: Quota = 100,
+    salt: str = "synsetforge",
+    neardup: bool = True,
+    cross_duplicates: CrossDuplicates | None = None,
+) -> ReleasePlan:
+    """The split a build with these options would make, per class; writes nothing."""
+    policy = SplitPolicy(val_per_class, test_per_class, salt)
+    if parent is not None:
+        read_manifest(store, parent)
+    parent_df = parent_splits(store, parent) if parent else None
+    synsets, _, _, plan = _decide(store, policy, parent_df, neardup=neardup, cross_duplicates=cross_duplicates)
+    classes = class_splits(plan, synsets)
+    return ReleasePlan(classes, plan.splits, plan.neardup_dropped, plan.kept_from_parent,
+                       check_splits(classes, policy, force=True), qc_methods(plan.labels), policy)
+
+
 def _build_files(
     store: Store,
     pub: _Publisher,
@@ -661,39 +879,50 @@ def _build_files(
     neardup: bool,
     cross_duplicates: CrossDuplicates | None,
     inputs: Inputs | None,
-) -> tuple[dict[str, int], dict[str, dict[str, int]], int, int, dict[str, Any]]:
-    """Decide the release and put its four data files; returns splits, classes, dropped, kept, stats."""
+    roots: Sequence[str],
+    force: bool,
+    what: str,
+) -> Assembled:
+    """Decide the release, refuse it if a class would lack train or val images (unless `force`), and put its
+    four data files; returns everything but the tables."""
     if inputs is not None:
-        a = assemble(inputs, policy, parent_df, neardup=neardup, cross_duplicates=cross_duplicates)
+        plan = plan_release(inputs.synsets, inputs.images, inputs.labels, policy, parent_df, neardup=neardup,
+                            cross_duplicates=cross_duplicates)
+        short = check_splits(class_splits(plan, inputs.synsets), policy, force=force, what=what)
+        a = assemble(inputs, policy, plan=plan, roots=roots)
         for name in ("synsets", "images", "labels", "boxes"):
             pub.put(name, a.tables.pop(name))
-        return a.splits, a.classes, a.neardup_dropped, a.kept_from_parent, a.stats
+        a.stats["short_classes"] = short
+        return a
     # staged: each big table is read, filtered, written and released before the next one is read
-    synsets = sorted_synsets(_read_input(store, "synsets"))
-    # deciding needs only a few image columns (ids, status, fingerprints for the near-duplicate search);
-    # the other columns are read afterwards, when labels and their temporaries are gone
-    wide = {"storage_key", "first_url", "format", "reject_reason", "width", "height", "n_bytes"}
-    cols = [c for c in arrow_schema("images").names if c not in wide] if neardup else ["image_id", "status"]
-    images_file = _input_file(store, "images")  # both image reads below see the same rows
-    narrow = _read_input(store, "images", cols, source=images_file)
-    plan = plan_release(synsets, narrow, _read_input(store, "labels"), policy, parent_df, neardup=neardup,
-                        cross_duplicates=cross_duplicates)
+    synsets, narrow, images_file, plan = _decide(store, policy, parent_df, neardup=neardup,
+                                                 cross_duplicates=cross_duplicates)
+    short = check_splits(class_splits(plan, synsets), policy, force=force, what=what)  # before any write
+    methods = qc_methods(plan.labels)
     pub.put("labels", plan.labels)  # written in the background while boxes are read and filtered
     plan.labels = None
     _return_freed_memory()
-    boxes, not_accepted = select_boxes(_read_input(store, "boxes"), plan)
+    have_boxes = store.has_table("boxes")
+    boxes, not_accepted = select_boxes(_read_input(store, "boxes") if have_boxes else empty_table("boxes"), plan)
     pub.put("boxes", boxes)
     classes = class_counts(plan, boxes)
     del boxes
     plan.image_ids = plan.image_keys = plan.primary_class = plan.other_pairs = None  # only image_rows is needed now
     _return_freed_memory()
+    # attribution: the released rows' first URLs, matched against the candidates a row group at a time
+    first_urls = _read_input(store, "images", ["first_url"], source=images_file)["first_url"].take(
+        pa.array(plan.image_rows))
+    have_candidates = store.has_table("candidates")
+    extra = image_extra(first_urls, _input_batches(store, "candidates", CANDIDATE_COLUMNS), roots)
+    del first_urls
     images = _read_input(store, "images", have=narrow, source=images_file)  # the plan's columns are not re-read
     del narrow, images_file
-    pub.put("images", images, rows=plan.image_rows)
+    pub.put("images", images, rows=plan.image_rows, extra=extra)
     del images
     pub.put("synsets", synsets)
-    return (plan.splits, classes, plan.neardup_dropped, plan.kept_from_parent,
-            {**plan.stats, "boxes_not_accepted": not_accepted})
+    stats = {**plan.stats, "boxes_not_accepted": not_accepted, "boxes_table": have_boxes,
+             **_attribution_stats(extra, have_candidates), "short_classes": short}
+    return Assembled({}, plan.splits, classes, plan.neardup_dropped, plan.kept_from_parent, stats, methods)
 
 
 def build_release(
@@ -701,18 +930,23 @@ def build_release(
     version: str,
     *,
     parent: str | None = None,
-    val_per_class: int = 50,
-    test_per_class: int = 100,
+    val_per_class: Quota = 50,
+    test_per_class: Quota = 100,
     salt: str = "synsetforge",
     config_digest: str | None = None,
     created_at: datetime | None = None,
     neardup: bool = True,
     cross_duplicates: CrossDuplicates | None = None,
     inputs: Inputs | None = None,
+    local_roots: Sequence[str] = (),
+    force: bool = False,
 ) -> dict[str, Any]:
     """Build release `version` from the store's tables and publish it; return its manifest.
 
-    Raises ReleaseExists if the version is already published (nothing is written then).
+    Quotas are counts or fractions in (0, 1) of each class's images. `local_roots`: collect roots that local
+    file URLs are written relative to (else as file names). Raises ReleaseExists if the version is already
+    published, ReleaseTooSmall if a class would have no train or no val image and not `force` (nothing is
+    written then).
     """
     prefix = release_prefix(version)
     if release_exists(store, version):
@@ -725,13 +959,15 @@ def build_release(
     policy = SplitPolicy(val_per_class, test_per_class, salt)
     parent_df = parent_splits(store, parent) if parent else None
     with _Publisher(store, prefix) as pub:
-        splits, classes, dropped, kept, stats = _build_files(store, pub, policy, parent_df, neardup=neardup,
-                                                             cross_duplicates=cross_duplicates, inputs=inputs)
+        a = _build_files(store, pub, policy, parent_df, neardup=neardup, cross_duplicates=cross_duplicates,
+                         inputs=inputs, roots=[str(r) for r in local_roots if r], force=force,
+                         what=f"release {version!r}")
         files = pub.entries()
     files = {k: files[k] for k in ("synsets", "images", "labels", "boxes")}
+    splits, classes, dropped, kept, stats = a.splits, a.classes, a.neardup_dropped, a.kept_from_parent, a.stats
     created = (created_at or datetime.now(UTC)).astimezone(UTC)
     manifest = {
-        "manifest_version": 1,
+        "manifest_version": MANIFEST_VERSION,
         "version": version,
         "created_at": created.isoformat().replace("+00:00", "Z"),
         "parent": parent,
@@ -741,6 +977,7 @@ def build_release(
         "splits": splits,
         "classes": classes,
         "neardup_dropped": dropped,
+        "qc_methods": a.qc_methods,
         "split_policy": {**policy.__dict__, "kept_from_parent": kept},
         "stats": {**stats, "neardup_checked": neardup},
     }

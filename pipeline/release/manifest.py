@@ -40,6 +40,19 @@ class ReleaseExists(ReleaseError, UserError):
     """The version already has a manifest: releases are immutable."""
 
 
+class ReleaseInputError(ReleaseError, UserError):
+    """The inputs or options cannot make the release asked for (a bad quota, classes left without train or
+    val images); the message says what to change. Not retried."""
+
+
+class ReleaseTooSmall(ReleaseInputError):
+    """Some classes would have no train or no val image; `classes` lists them (wnid, name, train, val, test)."""
+
+    def __init__(self, message: str, classes: list[dict[str, Any]]):
+        super().__init__(message)
+        self.classes = classes
+
+
 def check_version(version: str) -> str:
     if not isinstance(version, str) or not VERSION_RE.match(version):
         raise ReleaseError(

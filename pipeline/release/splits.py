@@ -5,7 +5,8 @@ Rules, in order:
    leaks into a later train set, and results on val stay comparable between versions).
 2. Each class's val and test quotas are topped up from its new images, ranked by a salted 64-bit hash of
    the image id (FNV-1a over salt NUL image_id, finalised with splitmix64; `split_key_reference`): the same
-   inputs and salt always give the same split, whatever order the rows come in.
+   inputs and salt always give the same split, whatever order the rows come in. A quota is a count, or a
+   fraction in (0, 1) of the class's images (parent images included), rounded half up (`class_quotas`).
 3. Everything else is train; then train images that are near-duplicates of a val or test image are
    dropped (pipeline.ingest.neardup.cross_duplicates), so an edited copy of a val image cannot be
    trained on.
@@ -15,6 +16,9 @@ Rules, in order:
     >>> s = assign_splits(primary, val_per_class=1, test_per_class=2, salt="x")
     >>> s.split.value_counts().sort_index().to_dict()
     {'test': 2, 'train': 3, 'val': 1}
+    >>> import numpy as np
+    >>> class_quotas(0.2, np.array([10, 3, 0])).tolist(), class_quotas(4, np.array([10, 3, 0])).tolist()
+    ([2, 1, 0], [4, 4, 4])
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import pyarrow.compute as pc
 SPLITS = ("train", "val", "test")
 TRAIN, VAL, TEST = 0, 1, 2
 CrossDuplicates = Callable[[Any, Any], pd.DataFrame]
+Quota = int | float  # images per class, or a fraction in (0, 1) of each class's images
 
 _FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
 
@@ -99,6 +104,35 @@ def _fnv_rows(mat: np.ndarray, h: np.ndarray) -> np.ndarray:
     return h
 
 
+def check_quota(value: Any, name: str = "quota") -> Quota:
+    """`value` as a quota: a whole count >= 0 (int), or a fraction strictly between 0 and 1 (float). Raises
+    ValueError saying which forms are allowed."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ValueError(f"{name} must be a count (e.g. 50) or a fraction in (0, 1) (e.g. 0.1), got {value!r}")
+    if isinstance(value, int | np.integer):
+        if value < 0:
+            raise ValueError(f"{name} must not be negative, got {value}")
+        return int(value)
+    if not np.isfinite(value) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{name}: a fraction must lie strictly between 0 and 1 (e.g. 0.1); write a count as a "
+                         f"whole number (e.g. 50); got {value!r}")
+    return float(value)
+
+
+def is_fraction(quota: Quota) -> bool:
+    return isinstance(quota, float)
+
+
+def class_quotas(quota: Quota, class_sizes: np.ndarray) -> np.ndarray:
+    """Images each class puts in a split: a count as is for every class, a fraction of each class's images
+    rounded half up (0.2 of 3 images is 1, of 2 images 0)."""
+    sizes = np.asarray(class_sizes, dtype=np.int64)
+    quota = check_quota(quota)
+    if is_fraction(quota):
+        return np.floor(sizes * quota + 0.5 + 1e-9).astype(np.int64)
+    return np.full(len(sizes), quota, dtype=np.int64)
+
+
 def argsort_stable(keys: np.ndarray) -> np.ndarray:
     """Same result as np.argsort(keys, kind="stable"), faster for 64-bit keys: numpy's unstable sort is
     SIMD (6x faster than its stable timsort on 1.3M random uint64), and ties, rare for hash keys, are then
@@ -127,10 +161,12 @@ def class_then_key_order(class_codes: np.ndarray, keys: np.ndarray) -> np.ndarra
 
 
 def split_codes(
-    class_codes: np.ndarray, keys: np.ndarray, parent: np.ndarray, *, val_per_class: int, test_per_class: int
+    class_codes: np.ndarray, keys: np.ndarray, parent: np.ndarray, *, val_per_class: int | np.ndarray,
+    test_per_class: int | np.ndarray
 ) -> np.ndarray:
     """Vectorised core: split code (TRAIN/VAL/TEST) per image from its class code, salted key and parent
-    split code (-1 = new image)."""
+    split code (-1 = new image). A quota is one count for every class or an array of counts by class code
+    (`class_quotas`)."""
     n = len(class_codes)
     out = np.full(n, TRAIN, dtype=np.int8)
     from_parent = parent >= 0
@@ -146,24 +182,35 @@ def split_codes(
     group_start = np.r_[0, np.nonzero(cls[1:] != cls[:-1])[0] + 1]
     sizes = np.diff(np.r_[group_start, len(cls)])
     rank = np.arange(len(cls)) - np.repeat(group_start, sizes)
-    need_val = np.maximum(val_per_class - have_val[cls], 0)
-    need_test = np.maximum(test_per_class - have_test[cls], 0)
+    val_q = _per_class(val_per_class, n_classes)
+    test_q = _per_class(test_per_class, n_classes)
+    need_val = np.maximum(val_q[cls] - have_val[cls], 0)
+    need_test = np.maximum(test_q[cls] - have_test[cls], 0)
     out[order] = np.where(rank < need_val, VAL, np.where(rank < need_val + need_test, TEST, TRAIN))
     return out
+
+
+def _per_class(quota: int | np.ndarray, n_classes: int) -> np.ndarray:
+    q = np.asarray(quota, dtype=np.int64)
+    if q.ndim == 0:
+        return np.full(n_classes, int(q), dtype=np.int64)
+    if len(q) < n_classes:
+        raise ValueError(f"a quota per class needs {n_classes} values, got {len(q)}")
+    return q
 
 
 def assign_splits(
     primary: pd.DataFrame,
     parent: pd.DataFrame | None = None,
     *,
-    val_per_class: int,
-    test_per_class: int,
+    val_per_class: Quota,
+    test_per_class: Quota,
     salt: str,
 ) -> pd.DataFrame:
     """Give each (image_id, wnid) row of `primary` (one row per image) a split.
 
-    `parent` has image_id and split from the parent release (None for a first release). Returns
-    columns image_id, wnid, split, from_parent.
+    `parent` has image_id and split from the parent release (None for a first release). Quotas are counts
+    or fractions of each class's images (`class_quotas`). Returns columns image_id, wnid, split, from_parent.
     """
     df = primary[["image_id", "wnid"]].reset_index(drop=True)
     if df.image_id.duplicated().any():
@@ -180,9 +227,12 @@ def assign_splits(
         found = ~np.isnan(pos.astype(np.float64))
         pcodes = p.split.map({s: k for k, s in enumerate(SPLITS)}).to_numpy(dtype=np.int8)
         parent_codes[found] = pcodes[pos[found].astype(np.int64)]
-    class_codes, _ = pd.factorize(df.wnid, sort=True)
-    codes = split_codes(class_codes.astype(np.int64), split_keys(pa.array(df.image_id, pa.string()), salt),
-                        parent_codes, val_per_class=val_per_class, test_per_class=test_per_class)
+    class_codes, classes = pd.factorize(df.wnid, sort=True)
+    class_codes = class_codes.astype(np.int64)
+    sizes = np.bincount(class_codes, minlength=len(classes))
+    codes = split_codes(class_codes, split_keys(pa.array(df.image_id, pa.string()), salt), parent_codes,
+                        val_per_class=class_quotas(val_per_class, sizes),
+                        test_per_class=class_quotas(test_per_class, sizes))
     df["split"] = np.asarray(SPLITS, dtype=object)[codes]
     df["from_parent"] = parent_codes >= 0
     return df

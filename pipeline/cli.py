@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "pipeline.release.cli",
     "pipeline.evaluate",
     "pipeline.airflow_local",
+    "pipeline.config_cli",
 )
 
 

@@ -268,6 +268,49 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def env_name(section: str, field: str) -> str:
+    """The environment variable of a setting: SYNSETFORGE__SECTION__FIELD."""
+    return f"{ENV_PREFIX}{section.upper()}__{field.upper()}"
+
+
+def describe_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Every setting of the effective configuration: key, value (a set secret shows as **********), source
+    (default, file, env, command line), environment variable and description."""
+    env = os.environ if env is None else env
+    settings = load_settings(path, env=env, overrides=overrides)
+    path = path or env.get("SYNSETFORGE_CONFIG")
+    from_file = tomllib.loads(Path(path).read_text()) if path else {}
+    from_env = _env_overrides(env)
+    secrets = set(_secret_paths(settings))
+    rows = []
+    for section, sfield in Settings.model_fields.items():
+        model = getattr(settings, section)
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            if name in (overrides or {}).get(section, {}):
+                source = "command line"
+            elif name in from_env.get(section, {}):
+                source = "env"
+            elif name in from_file.get(section, {}):
+                source = "file"
+            else:
+                source = "default"
+            secret = (section, name) in secrets
+            shown = None if secret and value is None else ("**********" if secret else _jsonable(value))
+            rows.append({"key": f"{section}.{name}", "value": shown, "source": source, "env": env_name(section, name),
+                         "secret": secret, "description": field.description or ""})
+    return rows
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     *,

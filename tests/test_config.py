@@ -96,3 +96,35 @@ def test_secrets_are_found_by_type_whatever_the_annotation_spelling():
         e: SecretStr = SecretStr("x")
 
     assert sorted(_secret_paths(Outer())) == [("e",), ("inner", "a"), ("inner", "b"), ("inner", "c")]
+
+
+def test_config_show_names_every_setting_its_source_and_env_var_with_secrets_masked(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+    from pipeline.config import Settings
+
+    (tmp_path / "c.toml").write_text("[qc]\naccept_at = 0.995\n")
+    monkeypatch.setenv("SYNSETFORGE__CROWD__TOKEN", "s3cret-token-value")
+    monkeypatch.setenv("SYNSETFORGE__INGEST__CONCURRENCY", "7")
+    assert main(["--config", str(tmp_path / "c.toml"), "--store", str(tmp_path / "st"), "config", "show", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret-token-value" not in out
+    rows = {r["key"]: r for r in __import__("json").loads(out)}
+    n_fields = sum(len(f.annotation.model_fields) for f in Settings.model_fields.values())
+    assert len(rows) == n_fields
+    assert rows["qc.accept_at"]["source"] == "file" and rows["qc.accept_at"]["value"] == 0.995
+    assert rows["ingest.concurrency"]["source"] == "env" and rows["ingest.concurrency"]["value"] == 7
+    assert rows["store.url"]["source"] == "command line"
+    assert rows["crowd.token"]["value"] == "**********" and rows["crowd.token"]["secret"]
+    assert rows["crowd.pseudonym_key"]["value"] is None and rows["qc.reject_at"]["source"] == "default"
+    assert rows["ingest.allowed_networks"]["env"] == "SYNSETFORGE__INGEST__ALLOWED_NETWORKS"
+    assert main(["config", "show"]) == 0 and "s3cret-token-value" not in capsys.readouterr().out
+
+
+def test_readme_settings_table_is_the_generated_one():
+    from pathlib import Path
+
+    from pipeline.config_cli import readme_block, settings_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert readme_block(readme) == settings_markdown(), \
+        "README's settings table is stale: run `.venv/bin/python -m pipeline.config_cli --write-readme`"

@@ -15,7 +15,7 @@ BASE = {"pipeline.config", "pipeline.errors", "pipeline.store", "pipeline.schema
         "pipeline.services"}
 STAGES = {"pipeline.vocabulary", "pipeline.sources", "pipeline.ingest", "pipeline.qc", "pipeline.boxes",
           "pipeline.release", "pipeline.evaluate"}
-APP = {"pipeline.cli", "pipeline.dagtools", "pipeline.demo", "pipeline.demo_corpus", "pipeline.airflow_local", "dags"}
+APP = {"pipeline.cli", "pipeline.config_cli", "pipeline.dagtools", "pipeline.demo", "pipeline.demo_corpus", "pipeline.airflow_local", "dags"}
 LAYERS = {"base": 0, "stage": 1, "crowd": 2, "app": 3}
 
 

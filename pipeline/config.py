@@ -288,7 +288,7 @@ def describe_settings(
     from_env = _env_overrides(env)
     secrets = set(_secret_paths(settings))
     rows = []
-    for section, sfield in Settings.model_fields.items():
+    for section in Settings.model_fields:
         model = getattr(settings, section)
         for name, field in type(model).model_fields.items():
             value = getattr(model, name)

@@ -925,6 +925,23 @@ def _build_files(
     return Assembled({}, plan.splits, classes, plan.neardup_dropped, plan.kept_from_parent, stats, methods)
 
 
+def collect_roots(store: Store, extra: Sequence[str] = ()) -> list[str]:
+    """Local folders that file:// candidates are written relative to: `extra` (e.g. collect.local_dir) and the
+    roots the collect runs recorded in the store, as absolute paths."""
+    roots = [str(r) for r in extra if r]
+    try:
+        from pipeline.sources.collect import recorded_roots
+    except ImportError:  # the collect stage is not in this build: only the roots given
+        recorded: list[str] = []
+    else:
+        recorded = recorded_roots(store)["local_dir"]
+    out = []
+    for r in (*roots, *recorded):
+        path = r[7:] if r.startswith("file://") else r
+        out.append(str(Path(path).expanduser().resolve()))
+    return list(dict.fromkeys(out))
+
+
 def build_release(
     store: Store,
     version: str,
@@ -960,7 +977,7 @@ def build_release(
     parent_df = parent_splits(store, parent) if parent else None
     with _Publisher(store, prefix) as pub:
         a = _build_files(store, pub, policy, parent_df, neardup=neardup, cross_duplicates=cross_duplicates,
-                         inputs=inputs, roots=[str(r) for r in local_roots if r], force=force,
+                         inputs=inputs, roots=collect_roots(store, local_roots), force=force,
                          what=f"release {version!r}")
         files = pub.entries()
     files = {k: files[k] for k in ("synsets", "images", "labels", "boxes")}

@@ -3,6 +3,7 @@ de-duplication, license filter, budget, round-robin across queries, rerun stabil
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
@@ -124,6 +125,41 @@ def test_local_dir_lists_one_folder_per_wnid(tmp_path):
     assert list(LocalDirSource(tmp_path).search(syn(B), None, 10)) == []
     with pytest.raises(SourceError, match="is not a folder"):
         LocalDirSource(tmp_path / "missing")
+
+
+def test_local_dir_reads_provenance_from_a_sidecar_and_a_folder_default(tmp_path):
+    (tmp_path / A / "deeper").mkdir(parents=True)
+    for name in ("cat1.jpg", "cat2.jpg", "deeper/cat3.jpg"):
+        (tmp_path / A / name).write_bytes(b"x")
+    (tmp_path / A / "attribution.csv").write_text(
+        "file,license,creator,source_url,title\n"
+        "cat1.jpg,CC BY 4.0,Ada Photographer,https://example.org/cat1,A tabby\n")
+    (tmp_path / A / "deeper" / "attribution.json").write_text(
+        '{"cat3.jpg": {"license": "cc0", "creator": "Bo", "license_url": "https://creativecommons.org/publicdomain/zero/1.0/"}}')
+    rows = {r["url"].rsplit("/", 1)[1]: r for r in
+            LocalDirSource(tmp_path, license="cc-by-sa-4.0", creator="Our lab").search(syn(A), None, 10)}
+    assert sorted(rows) == ["cat1.jpg", "cat2.jpg", "cat3.jpg"]  # sidecars are not images
+    assert (rows["cat1.jpg"]["license"], rows["cat1.jpg"]["creator"]) == ("cc-by-4.0", "Ada Photographer")
+    assert rows["cat1.jpg"]["page_url"] == "https://example.org/cat1" and rows["cat1.jpg"]["title"] == "A tabby"
+    assert (rows["cat2.jpg"]["license"], rows["cat2.jpg"]["creator"]) == ("cc-by-sa-4.0", "Our lab")  # the default
+    assert rows["cat3.jpg"]["license"] == "cc0"
+    assert rows["cat3.jpg"]["creator"] == "Bo"
+
+
+@pytest.mark.parametrize("name, text, complaint", [
+    ("attribution.csv", "license,creator\ncc0,x\n", "including 'file'"),
+    ("attribution.csv", "file,licence\na.jpg,cc0\n", "unknown field(s) ['licence']"),
+    ("attribution.csv", "file,license\n../../etc/passwd,cc0\n", "must be a file name in this folder"),
+    ("attribution.csv", "file,license\na.jpg,cc0\na.jpg,cc-by\n", "described twice"),
+    ("attribution.json", "[{\"file\": \"a.jpg\"", "not valid JSON"),
+    ("attribution.json", "42", "expected a list"),
+])
+def test_a_bad_sidecar_is_a_clear_error_naming_the_line(tmp_path, name, text, complaint):
+    (tmp_path / A).mkdir()
+    (tmp_path / A / "a.jpg").write_bytes(b"x")
+    (tmp_path / A / name).write_text(text)
+    with pytest.raises(SourceError, match=re.escape(complaint)):
+        list(LocalDirSource(tmp_path).search(syn(A), None, 10))
 
 
 @pytest.mark.slow

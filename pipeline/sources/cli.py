@@ -33,7 +33,8 @@ def cmd_collect(args: argparse.Namespace, settings: Any) -> int:
     overrides: dict[str, Any] = {}
     if args.licenses is not None:
         overrides["allowed_licenses"] = [x.strip() for x in args.licenses.split(",") if x.strip()] or None
-    for key, value in (("local_dir", args.local_dir), ("url_list", args.url_list), ("s3_prefix", args.s3_prefix)):
+    for key, value in (("local_dir", args.local_dir), ("url_list", args.url_list), ("s3_prefix", args.s3_prefix),
+                       ("local_license", args.license), ("local_creator", args.creator)):
         if value:
             overrides[key] = value
     for key, value in overrides.items():
@@ -70,6 +71,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--wnid", action="append", help="only this synset (repeatable)")
     p.add_argument("--wnid-file", help="file with one wnid per line")
     p.add_argument("--local-dir", help="folder with one sub-folder per wnid (collect.local_dir)")
+    p.add_argument("--license", help="license of local_dir photos no attribution sidecar describes, e.g. cc-by-4.0 "
+                   "(collect.local_license)")
+    p.add_argument("--creator", help="creator of local_dir photos no sidecar describes (collect.local_creator)")
     p.add_argument("--url-list", help="txt/csv/parquet URL list (collect.url_list)")
     p.add_argument("--s3-prefix", help="s3://bucket/prefix with one sub-prefix per wnid (collect.s3_prefix)")
     p.add_argument("--no-progress", action="store_true")

@@ -77,7 +77,7 @@ def build_sources(settings: Any, names: Sequence[str] | None = None, *, flickr_a
         elif name == "local_dir":
             from pipeline.sources.local_dir import LocalDirSource
 
-            out.append(LocalDirSource(c.local_dir))
+            out.append(LocalDirSource(c.local_dir, license=c.local_license, creator=c.local_creator))
         elif name == "s3_prefix":
             from pipeline.sources.s3_prefix import S3PrefixSource
 

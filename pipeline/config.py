@@ -66,6 +66,9 @@ class CollectSettings(Section):
     max_retry_after_s: float = Field(120.0, ge=0, description="longest Retry-After honoured before giving up")
     url_list: str | None = Field(None, description="txt / csv / parquet file of image URLs (url, optional wnid)")
     local_dir: str | None = Field(None, description="folder with one sub-folder of images per wnid")
+    local_license: str | None = Field(
+        None, description="license of local_dir photos an attribution sidecar does not describe (e.g. cc-by-4.0)")
+    local_creator: str | None = Field(None, description="creator of local_dir photos a sidecar does not describe")
     s3_prefix: str | None = Field(None, description="s3://bucket/prefix with one sub-prefix of images per wnid")
     user_agent: str = Field("synsetforge/0.1 (dataset builder)", description="sent to search APIs")
     shard_size: int = Field(50, ge=1, description="synsets per mapped collect/ingest task of the collect DAG")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -785,10 +786,14 @@ def _input_batches(store: Store, name: str, columns: list[str]) -> Any:
     (only what the caller keeps of each batch stays in memory)."""
     if not store.has_table(name):
         return None
-    if isinstance(store, LocalStore):
+    if isinstance(store, LocalStore) and store.exists(f"tables/{name}.parquet"):
         return pq.ParquetFile(str(store.path(f"tables/{name}.parquet"))).iter_batches(batch_size=1 << 20,
                                                                                       columns=columns)
-    return store.read_table(name).select(columns).to_batches(max_chunksize=1 << 20)
+    if "columns" in inspect.signature(store.read_table).parameters:  # a store that reads only some columns
+        table = store.read_table(name, columns=columns)
+    else:
+        table = store.read_table(name).select(columns)
+    return table.to_batches(max_chunksize=1 << 20)
 
 
 def _read_optional(store: Store, name: str) -> pa.Table | None:

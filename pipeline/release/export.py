@@ -11,19 +11,27 @@ Devkit layout (folder `out`), following the ILSVRC-2012 devkit and its 2015 succ
     val/<P>_val_00000001.<ext> ...         sorted by image_id: the order of the ground-truth file
     test/<P>_test_00000001.<ext> ...
     bbox/train/<wnid>/<stem>.xml, bbox/val/<stem>.xml   PASCAL VOC XML, one file per image with boxes
+    ATTRIBUTION.csv                        per image file: title, creator, license, license URL, source page
+    ATTRIBUTION.txt                        the same as text, one paragraph per image
 
 Class indices are 1-based in wnid order (as in the devkit files); the Parquet export's `label` column is
-0-based (datasets' ClassLabel convention). `<P>` is the release version.
+0-based (datasets' ClassLabel convention) and its rows carry the same attribution columns. `<P>` is the
+release version. Attribution is the candidate record of the URL each image was first fetched from (an image
+found at several URLs is credited as its first URL's record); it is what the source reported, not checked by
+hand. A release without boxes (classification only) simply has no bbox/ folder.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,6 +48,8 @@ from pipeline.release.manifest import (
 )
 from pipeline.store import KeyExists, MissingKey, Store, open_store
 
+ATTRIBUTION_FIELDS = ("title", "creator", "license", "license_url", "page_url", "source", "first_url")
+ATTRIBUTION_HEADER = ("file", "image_id", "title", "creator", "license", "license_url", "source_page", "source", "url")
 EXTENSIONS = {"JPEG": "JPEG", "JPG": "JPEG", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
 REPORT_FILES = ("report.html", "card.md")
@@ -92,7 +102,48 @@ def _write(path: Path, data: bytes | str) -> None:
 
 
 def _frame(table: pa.Table, columns: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({c: table.column(c).to_numpy(zero_copy_only=False) for c in columns})
+    """`columns` of `table` as a frame; a column the table lacks (a release published before it existed) is
+    all None."""
+    return pd.DataFrame({c: table.column(c).to_numpy(zero_copy_only=False) if c in table.column_names
+                         else np.full(table.num_rows, None, dtype=object) for c in columns})
+
+
+def _text(v: Any) -> str:
+    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+
+
+def attribution_csv(rows: list[dict[str, Any]]) -> str:
+    """ATTRIBUTION.csv: one row per exported file (ATTRIBUTION_HEADER), empty cells where the source said nothing."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(ATTRIBUTION_HEADER)
+    for r in rows:
+        w.writerow([_text(r.get(k)) for k in ATTRIBUTION_HEADER])
+    return buf.getvalue()
+
+
+def attribution_text(rows: list[dict[str, Any]], version: str) -> str:
+    """ATTRIBUTION.txt: a paragraph per file ("title" by creator, license (URL), source page)."""
+    out = [f"Image credits for synsetforge release {version}.",
+           "Each image is credited as the source reported it for the URL it was first fetched from (an image",
+           "found at several URLs takes its first URL's record). Unknown fields are left out; an image without a",
+           "license is marked so. Check each license before redistributing.", ""]
+    for r in rows:
+        title, creator = _text(r.get("title")), _text(r.get("creator"))
+        line = f'"{title}"' if title else "untitled"
+        if creator:
+            line += f" by {creator}"
+        lic = _text(r.get("license"))
+        lic_url = _text(r.get("license_url"))
+        line += f", {lic}" if lic else ", license unknown"
+        if lic_url:
+            line += f" ({lic_url})"
+        out.append(f"{r['file']}\n  {line}")
+        page = _text(r.get("source_page")) or _text(r.get("url"))
+        if page:
+            out.append(f"  source: {page}" + (f" via {_text(r.get('source'))}" if _text(r.get("source")) else ""))
+        out.append("")
+    return "\n".join(out)
 
 
 def export_devkit(store: Store, version: str, out: str | os.PathLike[str], *, images: bool = True) -> dict[str, int]:
@@ -102,7 +153,7 @@ def export_devkit(store: Store, version: str, out: str | os.PathLike[str], *, im
     synsets = read_release_table(store, version, "synsets", manifest=manifest)
     labels = read_release_table(store, version, "labels", manifest=manifest)
     imgs = _frame(read_release_table(store, version, "images", manifest=manifest),
-                  ["image_id", "width", "height", "format", "storage_key"]).set_index("image_id")
+                  ["image_id", "width", "height", "format", "storage_key", *ATTRIBUTION_FIELDS]).set_index("image_id")
     boxes = _frame(read_release_table(store, version, "boxes", manifest=manifest),
                    ["image_id", "wnid", "x_min", "y_min", "x_max", "y_max"])
     index = class_index(synsets)
@@ -115,12 +166,16 @@ def export_devkit(store: Store, version: str, out: str | os.PathLike[str], *, im
     boxes_by_image = dict(tuple(boxes.groupby("image_id"))) if len(boxes) else {}
     counts = {"train": 0, "val": 0, "test": 0, "xml": 0}
     id_lines: list[str] = []
+    credits: list[dict[str, Any]] = []
     database = f"synsetforge {version}"
 
     def emit(image_id: str, split: str, rel_dir: str, stem: str, box_dir: str) -> None:
         row = imgs.loc[image_id]
+        ext = EXTENSIONS.get(str(row.format).upper(), "bin")
+        credits.append({"file": f"{rel_dir}/{stem}.{ext}", "image_id": image_id, "title": row.title,
+                        "creator": row.creator, "license": row.license, "license_url": row.license_url,
+                        "source_page": row.page_url, "source": row.source, "url": row.first_url})
         if images:
-            ext = EXTENSIONS.get(str(row.format).upper(), "bin")
             try:
                 data = store.get(row.storage_key)
             except MissingKey:
@@ -151,7 +206,15 @@ def export_devkit(store: Store, version: str, out: str | os.PathLike[str], *, im
         test_names.append(stem + "\n")
     _write(out / "devkit" / "data" / f"{version}_test_images.txt", "".join(test_names))
     _write(out / "devkit" / "data" / "image_ids.txt", "".join(id_lines))
+    _write(out / "ATTRIBUTION.csv", attribution_csv(credits))
+    _write(out / "ATTRIBUTION.txt", attribution_text(credits, version))
+    counts["attribution"] = len(credits)
     return counts
+
+
+# Parquet export column -> release images column
+PARQUET_ATTRIBUTION = {"title": "title", "creator": "creator", "license": "license", "license_url": "license_url",
+                       "page_url": "page_url", "source": "source", "url": "first_url"}
 
 
 def _hf_features(class_names: list[str], with_images: bool) -> dict[str, Any]:
@@ -165,6 +228,7 @@ def _hf_features(class_names: list[str], with_images: bool) -> dict[str, Any]:
         "height": {**value, "dtype": "int32"},
         "storage_key": {**value, "dtype": "string"},
         "boxes": {"_type": "List", "feature": box},
+        **{c: {**value, "dtype": "string"} for c in PARQUET_ATTRIBUTION},
     }
     if with_images:
         feats["image"] = {"_type": "Image"}
@@ -183,8 +247,9 @@ def export_parquet(
     """Write data/<split>-NNNNN-of-MMMMM.parquet (one row per image) and a README with dataset configs.
 
     Columns: image_id, label (0-based class index, -1 for withheld test labels), wnid, width, height,
-    storage_key, boxes (list of x_min/y_min/x_max/y_max), and with_images an `image` struct {bytes, path}
-    that `datasets` decodes as an Image feature.
+    storage_key, boxes (list of x_min/y_min/x_max/y_max), the attribution (title, creator, license,
+    license_url, page_url, source, url: the image's first URL), and with_images an `image` struct
+    {bytes, path} that `datasets` decodes as an Image feature.
     """
     out = Path(out)
     manifest = read_manifest(store, version)
@@ -195,7 +260,7 @@ def export_parquet(
     index = class_index(synsets)
     names = list(index)
     prim = _frame(labels.filter(labels["is_primary"]), ["image_id", "wnid", "split"])
-    imgs = _frame(images, ["image_id", "width", "height", "storage_key", "format"])
+    imgs = _frame(images, ["image_id", "width", "height", "storage_key", "format", *ATTRIBUTION_FIELDS])
     df = prim.merge(imgs, on="image_id", how="left").sort_values(["split", "image_id"], kind="stable")
     bx = _frame(boxes, ["image_id", "x_min", "y_min", "x_max", "y_max"])
     box_lists = {k: g[["x_min", "y_min", "x_max", "y_max"]].to_dict("records") for k, g in bx.groupby("image_id")}
@@ -217,6 +282,8 @@ def export_parquet(
                 "storage_key": pa.array(chunk.storage_key.tolist(), pa.string()),
                 "boxes": pa.array([[] if hide else box_lists.get(i, []) for i in chunk.image_id],
                                   pa.list_(pa.struct([(c, pa.float64()) for c in ("x_min", "y_min", "x_max", "y_max")]))),
+                **{c: pa.array([None if pd.isna(v) else str(v) for v in chunk[src]], pa.string())
+                   for c, src in PARQUET_ATTRIBUTION.items()},
             }
             if with_images:
                 cols["image"] = pa.array(
@@ -230,7 +297,10 @@ def export_parquet(
             written[hf_name].append(rel)
     configs = "\n".join(f"  - split: {s}\n    path: data/{s}-*" for s in SPLIT_NAMES.values())
     _write(out / "README.md", f"---\nconfigs:\n- config_name: default\n  data_files:\n{configs}\n---\n\n"
-           f"# synsetforge release {version}\n\nOne row per image; `label` indexes `classes.txt` (0-based).\n")
+           f"# synsetforge release {version}\n\nOne row per image; `label` indexes `classes.txt` (0-based).\n\n"
+           "Each row credits its image: `title`, `creator`, `license`, `license_url`, `page_url` and `source` as the "
+           "source reported them for `url`, the URL the image was first fetched from (an image found at several "
+           "URLs takes its first URL's record). Check each image's license before redistributing it.\n")
     _write(out / "classes.txt", "".join(f"{w}\n" for w in names))
     return written
 

@@ -6,7 +6,10 @@ Why each piece:
   at 127.0.0.1, 10.x, 169.254.169.254 (cloud metadata) and so on. The host is resolved once, *every*
   address is checked, and the connection goes to the checked address (the Host header and TLS SNI keep the
   name), so DNS rebinding between check and connect cannot slip through. Redirects are followed by hand and
-  each hop is checked again. `allowed_networks` (e.g. 127.0.0.0/8 in tests) opens holes explicitly.
+  each hop is checked again. An IPv6 address that carries an IPv4 address (IPv4-mapped, 6to4, Teredo, NAT64) is
+  judged by the IPv4 address it ends at; the IETF special-purpose ranges that are not globally reachable are
+  refused by name (`SPECIAL_PURPOSE`, from the IANA registries; Python's `is_global` misses some).
+  `allowed_networks` (e.g. 127.0.0.0/8 in tests) opens holes explicitly.
 - Time: connect and read timeouts per socket operation, plus a total deadline per URL checked between
   reads (`read1`, so a server dripping one byte a second cannot keep a worker forever).
 - Size: Content-Length above the cap is refused before reading; the body is counted while streaming.
@@ -16,7 +19,9 @@ Why each piece:
 file:// (under allowed roots only) and s3:// URLs are read directly, for the local_dir / s3_prefix sources.
 
     >>> check_address("10.1.2.3", FetchConfig())
-    'private address 10.1.2.3'
+    'private-use (RFC 1918) address 10.1.2.3'
+    >>> check_address("2002:7f00:1::", FetchConfig())
+    '6to4 address 2002:7f00:1:: embeds loopback (RFC 1122) address 127.0.0.1'
     >>> check_address("127.0.0.1", FetchConfig(allowed_networks=("127.0.0.0/8",))) is None
     True
 """
@@ -114,25 +119,128 @@ class _Refused(Exception):
         self.detail = detail
 
 
+# IETF special-purpose ranges (IANA IPv4 / IPv6 Special-Purpose Address Registries) that are not globally reachable,
+# with the registry's name as the reason. Python's `is_global` (3.11) misses several of them (192.0.0.0/24 beyond
+# .0/29 and .170/31, 3fff::/20, fec0::/10, 100:0:0:1::/64, ...); the table is consulted first, the longest prefix wins,
+# and a None reason marks a registry entry that is globally reachable inside a refused block. Addresses that embed
+# an IPv4 address (IPv4-mapped, 6to4, Teredo, NAT64 64:ff9b::/96) are judged by the embedded address instead.
+SPECIAL_PURPOSE: tuple[tuple[str, str | None], ...] = (
+    ("0.0.0.0/8", "'this network' (RFC 791)"),
+    ("10.0.0.0/8", "private-use (RFC 1918)"),
+    ("100.64.0.0/10", "shared (CGNAT) (RFC 6598)"),
+    ("127.0.0.0/8", "loopback (RFC 1122)"),
+    ("169.254.0.0/16", "link-local (RFC 3927)"),
+    ("172.16.0.0/12", "private-use (RFC 1918)"),
+    ("192.0.0.0/24", "IETF protocol assignment (RFC 6890)"),
+    ("192.0.0.0/29", "IPv4 service continuity prefix (RFC 7335)"),
+    ("192.0.0.8/32", "IPv4 dummy address (RFC 7600)"),
+    ("192.0.0.9/32", None),  # Port Control Protocol anycast (RFC 7723): globally reachable
+    ("192.0.0.10/32", None),  # TURN anycast (RFC 8155): globally reachable
+    ("192.0.0.170/31", "NAT64/DNS64 discovery (RFC 7050)"),
+    ("192.0.2.0/24", "documentation TEST-NET-1 (RFC 5737)"),
+    ("192.88.99.0/24", "deprecated 6to4 relay anycast (RFC 7526)"),
+    ("192.168.0.0/16", "private-use (RFC 1918)"),
+    ("198.18.0.0/15", "benchmarking (RFC 2544)"),
+    ("198.51.100.0/24", "documentation TEST-NET-2 (RFC 5737)"),
+    ("203.0.113.0/24", "documentation TEST-NET-3 (RFC 5737)"),
+    ("224.0.0.0/4", "multicast (RFC 5771)"),
+    ("240.0.0.0/4", "reserved (RFC 1112)"),
+    ("255.255.255.255/32", "limited broadcast (RFC 919)"),
+    ("::/128", "unspecified (RFC 4291)"),
+    ("::1/128", "loopback (RFC 4291)"),
+    ("::/96", "deprecated IPv4-compatible (RFC 4291)"),
+    ("::/8", "reserved by the IETF (RFC 4291)"),
+    ("64:ff9b:1::/48", "local-use IPv4/IPv6 translation (RFC 8215)"),
+    ("100::/64", "discard-only (RFC 6666)"),
+    ("100:0:0:1::/64", "dummy IPv6 prefix (RFC 9780)"),
+    ("2001::/23", "IETF protocol assignment (RFC 2928)"),
+    ("2001:2::/48", "benchmarking (RFC 5180)"),
+    ("2001:10::/28", "deprecated ORCHID (RFC 4843)"),
+    ("2001:db8::/32", "documentation (RFC 3849)"),
+    ("3fff::/20", "documentation (RFC 9637)"),
+    ("5f00::/16", "segment routing SIDs (RFC 9602)"),
+    ("fc00::/7", "unique-local (RFC 4193)"),
+    ("fe80::/10", "link-local (RFC 4291)"),
+    ("fec0::/10", "deprecated site-local (RFC 3879)"),
+    ("ff00::/8", "multicast (RFC 4291)"),
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_TEREDO = ipaddress.ip_network("2001::/32")
+_SIXTOFOUR = ipaddress.ip_network("2002::/16")
+
+
+def _special_purpose() -> list[tuple[Any, str | None]]:
+    nets = [(ipaddress.ip_network(c), why) for c, why in SPECIAL_PURPOSE]
+    return sorted(nets, key=lambda n: -n[0].prefixlen)  # longest prefix first
+
+
+_SPECIAL = _special_purpose()
+
+
+def special_purpose(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """The registry name of the non-globally-reachable special-purpose range holding `addr`, or None.
+
+    >>> special_purpose(ipaddress.ip_address("192.0.0.8")), special_purpose(ipaddress.ip_address("192.0.0.9"))
+    ('IPv4 dummy address (RFC 7600)', None)
+    """
+    for net, why in _SPECIAL:
+        if addr.version == net.version and addr in net:
+            return why
+    return None
+
+
+def embedded_ipv4(addr: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """IPv4 addresses an IPv6 address carries, with the mechanism's name: a packet to it ends at those addresses.
+
+    IPv4-mapped (::ffff:a.b.c.d), NAT64 well-known prefix (64:ff9b::a.b.c.d, RFC 6052), 6to4 (2002:AABB:CCDD::,
+    RFC 3056) and Teredo (2001:0::/32, RFC 4380: the server and the obfuscated client address).
+
+    >>> embedded_ipv4(ipaddress.ip_address("2002:7f00:1::"))
+    [('6to4', IPv4Address('127.0.0.1'))]
+    """
+    if addr.ipv4_mapped is not None:
+        return [("IPv4-mapped", addr.ipv4_mapped)]
+    if addr in _NAT64:
+        return [("NAT64", ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))]
+    if addr in _SIXTOFOUR:
+        return [("6to4", addr.sixtofour)]  # type: ignore[list-item]
+    if addr in _TEREDO:
+        server, client = addr.teredo  # type: ignore[misc]
+        return [("Teredo client", client), ("Teredo server", server)]
+    return []
+
+
 def check_address(ip: str, cfg: FetchConfig) -> str | None:
-    """None if the fetcher may connect to `ip`, else why not."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
+    """None if the fetcher may connect to `ip`, else why not.
+
+    Order: `allowed_networks` (explicit holes) > an embedded IPv4 address (its verdict is the verdict) > cloud
+    metadata addresses (refused even with allow_private) > `allow_private` > the special-purpose table > Python's
+    address flags and `is_global`.
+    """
+    return _verdict(ipaddress.ip_address(ip.split("%", 1)[0]), cfg)
+
+
+def _verdict(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, cfg: FetchConfig) -> str | None:
     for net in _networks(cfg.allowed_networks):
-        if addr in net:
+        if addr.version == net.version and addr in net:
             return None
+    if isinstance(addr, ipaddress.IPv6Address) and (inner := embedded_ipv4(addr)):
+        for label, v4 in inner:
+            why = _verdict(v4, cfg)
+            if why:
+                return f"{label} address {addr} embeds {why}"
+        return None
     if addr in METADATA_ADDRESSES:
         return f"cloud metadata address {addr}"
     if cfg.allow_private:
         return None
+    if why := special_purpose(addr):
+        return f"{why} address {addr}"
     for label, test in (("loopback", addr.is_loopback), ("link-local", addr.is_link_local),
                         ("private", addr.is_private), ("multicast", addr.is_multicast),
                         ("reserved", addr.is_reserved), ("unspecified", addr.is_unspecified)):
         if test:
             return f"{label} address {addr}"
-    if isinstance(addr, ipaddress.IPv4Address) and addr in ipaddress.ip_network("100.64.0.0/10"):
-        return f"shared (CGNAT) address {addr}"
     if not addr.is_global:
         return f"non-global address {addr}"
     return None

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
+from html.parser import HTMLParser
 from typing import Any, TypeVar
 
 import httpx
@@ -215,6 +217,42 @@ class CrowdClient:
             params["ids"] = task_ids
         return self.request_json("GET", f"/api/projects/{project_id}/export", "export annotations", params=params)
 
+    # -- accounts (admin only) --------------------------------------------------------------------------
+    def whoami(self) -> dict[str, Any]:
+        """The account this client's token belongs to (id, email, ...)."""
+        return self.request_json("GET", "/api/current-user/whoami", "look up the token's account")
+
+    def list_users(self) -> list[dict[str, Any]]:
+        """Every account of the organization (id, email, username, ...). An account taken out of the organization
+        through Label Studio's People page is listed with its email masked as "Deleted"."""
+        body = self.request_json("GET", "/api/users/", "list users", params={"page_size": 100000})
+        users = body.get("results", body) if isinstance(body, dict) else body
+        if not isinstance(users, list):
+            raise CrowdError(f"Label Studio at {self.url} answered the user listing with {type(users).__name__}, "
+                             "not a list of accounts", status=None, transient=False)
+        return users
+
+    def admin_site(self, password: str) -> AdminSite:
+        """A logged-in session on the server's Django admin site, as the token's account (see `AdminSite`)."""
+        site = getattr(self, "_admin_site", None)
+        if site is None or site.password != password:
+            site = AdminSite(self, password)
+            self._admin_site = site
+        return site
+
+    def block_user(self, user_id: int, *, password: str) -> bool:
+        """Deactivate an account: it can no longer log in or use its token, so it gets no task; its annotations are
+        kept. True if it was active. `password`: the token account's password (crowd.admin_password)."""
+        return self.admin_site(password).set_active(int(user_id), False)
+
+    def unblock_user(self, user_id: int, *, password: str) -> bool:
+        """Reactivate an account blocked by `block_user`. True if it was blocked."""
+        return self.admin_site(password).set_active(int(user_id), True)
+
+    def blocked_user_ids(self, *, password: str) -> set[int]:
+        """Ids of the deactivated accounts."""
+        return self.admin_site(password).inactive_user_ids()
+
 
 def _describe(exc: BaseException, token: str) -> str:
     """A short error text with the token scrubbed (an SDK error may echo request headers)."""
@@ -224,3 +262,156 @@ def _describe(exc: BaseException, token: str) -> str:
         status, body = exc.response.status_code, exc.response.text[:300]
     text = f"HTTP {status}: {body}" if status else f"{type(exc).__name__}: {exc}"
     return text.replace(token, "***")[:500]
+
+
+class _FormReader(HTMLParser):
+    """The fields of one HTML form (by id) as a browser would submit them, and the ids a page links to."""
+
+    def __init__(self, form_id: str | None = None):
+        super().__init__(convert_charrefs=True)
+        self.form_id = form_id
+        self.inside = False
+        self.fields: list[tuple[str, str]] = []
+        self.checkboxes: dict[str, bool] = {}
+        self._select: str | None = None
+        self._textarea: str | None = None
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: (v if v is not None else "") for k, v in attrs}
+        if tag == "form" and self.form_id is not None and a.get("id") == self.form_id:
+            self.inside = True
+        if not self.inside:
+            return
+        name = a.get("name")
+        if tag == "input" and name:
+            kind = a.get("type", "text").lower()
+            if kind == "checkbox":
+                self.checkboxes[name] = "checked" in a
+            elif kind not in ("submit", "button", "image", "file", "reset"):
+                self.fields.append((name, a.get("value", "")))
+        elif tag == "select" and name:
+            self._select = name
+        elif tag == "option" and self._select is not None and "selected" in a:
+            self.fields.append((self._select, a.get("value", "")))
+        elif tag == "textarea" and name:
+            self._textarea, self._text = name, []
+
+    def handle_data(self, data: str) -> None:
+        if self._textarea is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form" and self.inside:
+            self.inside = False
+        elif tag == "select":
+            self._select = None
+        elif tag == "textarea" and self._textarea is not None:
+            self.fields.append((self._textarea, "".join(self._text).lstrip("\n")))
+            self._textarea = None
+
+
+class AdminSite:
+    """Label Studio's Django admin site (/admin/), where an account can be deactivated and reactivated.
+
+    Label Studio 1.23.2's REST API can take a member out of the organization (a soft delete) but cannot undo it,
+    and a removed member who logs in again still sees the project list; it has no endpoint for an account's
+    `is_active` flag. The admin site has: the server's superuser (the account `label-studio start` creates from
+    LABEL_STUDIO_USERNAME, whose token synsetforge uses) logs in with its password and edits the account's
+    Active box. A deactivated account cannot log in, its token and sessions stop working, its annotations stay.
+    """
+
+    def __init__(self, client: CrowdClient, password: str):
+        if not password:
+            raise CrowdError("no password for the Label Studio admin account: set SYNSETFORGE__CROWD__ADMIN_PASSWORD "
+                             "(blocking goes through Label Studio's /admin/ site, which needs a login)",
+                             status=None, transient=False)
+        self.client = client
+        self.password = password
+        self.me: dict[str, Any] = {}
+        self._s: httpx.Client | None = None
+
+    def _get(self, path: str, what: str, **params: Any) -> httpx.Response:
+        return self.client.call(what, lambda: self._session().get(path, params=params or None))
+
+    def _session(self) -> httpx.Client:
+        if self._s is not None:
+            return self._s
+        self.me = self.client.whoami()
+        email = self.me.get("email") or ""
+        s = httpx.Client(base_url=self.client.url, follow_redirects=True, timeout=self.client.timeout_s)
+
+        def login() -> httpx.Response:
+            s.get("/user/login/").raise_for_status()
+            csrf = s.cookies.get("csrftoken") or ""
+            resp = s.post("/user/login/", data={"email": email, "password": self.password,
+                                                "csrfmiddlewaretoken": csrf}, headers={"X-CSRFToken": csrf})
+            resp.raise_for_status()
+            return resp
+
+        self.client.call("log in to the admin site", login)
+        if "sessionid" not in s.cookies:
+            s.close()
+            raise CrowdError(f"Label Studio at {self.client.url} refused the login of {email} (the token's account): "
+                             "check SYNSETFORGE__CROWD__ADMIN_PASSWORD", status=401, transient=False)
+        index = self.client.call("open the admin site", lambda: s.get("/admin/"))
+        if index.status_code != 200 or "/admin/login" in str(index.url):
+            s.close()
+            raise CrowdError(f"{email} may not use Label Studio's /admin/ site (not a superuser); block accounts with "
+                             "the token of the account `label-studio start` created", status=403, transient=False)
+        self._s = s
+        return s
+
+    def _user_form(self, user_id: int) -> tuple[str, _FormReader]:
+        path = f"/admin/users/user/{user_id}/change/"
+        resp = self._get(path, f"open account {user_id} on the admin site")
+        if resp.status_code == 404 or "/admin/users/user/" not in str(resp.url) or str(resp.url).endswith("/user/"):
+            raise CrowdError(f"Label Studio at {self.client.url} has no account {user_id}", status=404, transient=False)
+        resp.raise_for_status()
+        form = _FormReader("user_form")
+        form.feed(resp.text)
+        if "is_active" not in form.checkboxes:
+            raise CrowdError(f"the admin site's page for account {user_id} has no Active box (Label Studio "
+                             "changed its admin form?)", status=None, transient=False)
+        return path, form
+
+    def set_active(self, user_id: int, active: bool) -> bool:
+        """Set an account's Active flag; True if it changed. Never touches an administrator or the token's account."""
+        path, form = self._user_form(user_id)
+        if int(self.me.get("id", -1)) == user_id or form.checkboxes.get("is_staff") or form.checkboxes.get("is_superuser"):
+            raise CrowdError(f"account {user_id} is an administrator (or the token's own account): not changed",
+                             status=None, transient=False)
+        if form.checkboxes["is_active"] == active:
+            return False
+        boxes = {**form.checkboxes, "is_active": active}
+        data = [*form.fields, *((k, "on") for k, on in boxes.items() if on), ("_save", "Save")]
+        csrf = dict(form.fields).get("csrfmiddlewaretoken", "")
+        s = self._session()
+        resp = self.client.call(f"{'unblock' if active else 'block'} account {user_id}", lambda: s.post(
+            path, data=data, headers={"X-CSRFToken": csrf, "Referer": f"{self.client.url}{path}"}))
+        resp.raise_for_status()
+        _, after = self._user_form(user_id)
+        if after.checkboxes["is_active"] != active:
+            raise CrowdError(f"the admin site did not save account {user_id} (HTTP {resp.status_code}); "
+                             f"{'unblock' if active else 'block'} it by hand at {self.client.url}{path}",
+                             status=resp.status_code, transient=False)
+        log.info("account %s %s", user_id, "reactivated" if active else "deactivated")
+        return True
+
+    def inactive_user_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for page in range(1, 10_000):
+            resp = self._get("/admin/users/user/", "list deactivated accounts", is_active__exact="0", p=str(page))
+            resp.raise_for_status()
+            html = resp.text
+            start = html.find('id="result_list"')
+            found = {int(i) for i in re.findall(r'/admin/users/user/(\d+)/change/', html[start:])} if start >= 0 else set()
+            if not found - ids or "e=1" in str(resp.url).split("?")[-1].split("&"):
+                return ids
+            ids |= found
+        return ids
+
+    def close(self) -> None:
+        if self._s is not None:
+            self._s.close()
+            self._s = None

@@ -136,10 +136,32 @@ def _interpret(ann: dict[str, Any], data: dict[str, Any], rec: dict[str, Any] | 
     return None, answers
 
 
+def identity(user: dict[str, Any]) -> str | None:
+    """What a worker's pseudonym hashes: the account's email (or username); None for an account Label Studio lists
+    masked ("Deleted": taken out of the organization), whose email the admin can no longer see."""
+    email = (user.get("email") or "").strip()
+    if email == "Deleted" and (user.get("username") or "") == "Deleted":
+        return None
+    return email or user.get("username") or f"ls-user-{user['id']}"
+
+
 def user_emails(client: CrowdClient) -> dict[int, str]:
-    body = client.get_json("/api/users/", page_size=10000)
-    users = body.get("results", body) if isinstance(body, dict) else body
-    return {int(u["id"]): u.get("email") or u.get("username") or f"ls-user-{u['id']}" for u in users}
+    out: dict[int, str] = {}
+    for u in client.list_users():
+        who = identity(u)
+        if who is None:  # annotations of a removed member get a pseudonym of their own, not a shared "Deleted" one
+            log.warning("Label Studio masks account %s (removed from the organization): its annotations are pulled "
+                        "under the pseudonym of ls-user-%s", u["id"], u["id"])
+            who = f"ls-user-{u['id']}"
+        out[int(u["id"])] = who
+    return out
+
+
+def accounts(client: CrowdClient, key: bytes) -> pd.DataFrame:
+    """worker pseudonym -> Label Studio account (user_id, email), for the admin only: it needs the admin token and the
+    pseudonym key, and is never written to a table. Pseudonyms are made from the same identity pull uses."""
+    rows = [{"worker": pseudonym(who, key), "user_id": uid, "email": who} for uid, who in user_emails(client).items()]
+    return pd.DataFrame(rows, columns=["worker", "user_id", "email"])
 
 
 def _table(store: Store, name: str, columns: list[str]) -> pd.DataFrame:

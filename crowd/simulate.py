@@ -26,6 +26,7 @@ import httpx
 
 from crowd.client import CrowdClient, CrowdError
 from crowd.kinds import KINDS
+from crowd.status import flagged_workers  # noqa: F401 - routing helpers live here too
 
 log = logging.getLogger("synsetforge.crowd")
 
@@ -129,17 +130,6 @@ def make_annotators(admin: CrowdClient, profiles: list[Profile], *, prefix: str 
     return out
 
 
-def flagged_workers(store: Any) -> set[str]:
-    """Pseudonyms routing must stop sending tasks to: flagged by gold accuracy (`worker_gold`, measured by pull)
-    or by QC's worker model (`workers`: spammers, yes-sayers, adversaries, low estimated accuracy)."""
-    flagged: set[str] = set()
-    for name in ("worker_gold", "workers"):
-        if store.has_table(name):
-            table = store.read_table(name).to_pandas()
-            flagged |= set(table.loc[table["flagged"].astype(bool), "worker"])
-    return flagged
-
-
 def routable(annotators: list[Annotator], flagged: set[str], key: bytes) -> list[Annotator]:
     """Annotators whose pseudonym is not in `flagged` (see flagged_workers)."""
     from crowd.pull import pseudonym
@@ -147,11 +137,25 @@ def routable(annotators: list[Annotator], flagged: set[str], key: bytes) -> list
     return [a for a in annotators if pseudonym(a.email, key) not in flagged]
 
 
+def controls_of(store: Any) -> dict[tuple[str, str], str]:
+    """(image_id, wnid) -> answer of every control in the store's `gold` table (for `work`)."""
+    gold = store.read_table("gold", missing_ok=True).to_pandas()
+    return {(i, w): str(a) for i, w, a in zip(gold["image_id"], gold["wnid"], gold["answer"], strict=True)}
+
+
+class Blocked(CrowdError):
+    """The server refuses this account (deactivated: its token no longer works): it gets no task."""
+
+
 def next_task(client: CrowdClient, project_id: int) -> dict[str, Any] | None:
-    """The project's next task for this account, or None when it has nothing left to do."""
+    """The project's next task for this account, or None when it has nothing left to do. Raises `Blocked` when the
+    server refuses the account (401/403: deactivated, or out of the organization)."""
     resp = client._http.get(f"/api/projects/{project_id}/next")
     if resp.status_code == 404:
         return None
+    if resp.status_code in (401, 403):
+        raise Blocked(f"Label Studio refuses this account the next task of project {project_id} "
+                      f"(HTTP {resp.status_code}): it is blocked", status=resp.status_code, transient=False)
     resp.raise_for_status()
     body = resp.json()
     return body if body and body.get("id") else None
@@ -178,14 +182,20 @@ def work(
     seed: int = 0,
     max_tasks_per_worker: int | None = None,
     difficulty: Mapping[str, str] | None = None,
+    controls: Mapping[tuple[str, str], str] | None = None,
 ) -> dict[str, int]:
     """Annotators take turns (one task each per round, as people working side by side) until none has work.
 
     truth: (image_id, wnid) -> answer. difficulty: wnid -> difficulty class for accuracy_by_difficulty.
-    Returns annotations per email. Routing away from flagged workers is the caller's (see `routable`).
+    Returns annotations per email. Real blocking is `crowd.status.block_flagged`; a simulation without it can route
+    away from flagged workers itself (see `routable`).
     A verification task for a pair the annotator already judged is skipped, as a person who recognises the image
-    would: QC counts one vote per worker and pair, so a second answer would only waste the task.
+    would: QC counts one vote per worker and pair, so a second answer would only waste the task. `controls`
+    ((image_id, wnid) -> answer: the gold table, see `controls_of`) are answered again instead, since a person
+    cannot tell a control from another task, and their answer is the truth for pairs `truth` does not hold.
+    An annotator whose account is blocked (the server refuses its next-task call) stops working.
     """
+    controls = controls or {}
     done = {a.email: 0 for a in annotators}
     active = list(annotators)
     while active:
@@ -193,7 +203,11 @@ def work(
         for a in active:
             if max_tasks_per_worker is not None and done[a.email] >= max_tasks_per_worker:
                 continue
-            task = next_task(a.client, project_id)
+            try:
+                task = next_task(a.client, project_id)
+            except Blocked:
+                log.info("%s is blocked: no more tasks", a.email)
+                continue
             if task is None:
                 continue
             data = task["data"]
@@ -201,16 +215,18 @@ def work(
             rng = random.Random(int(hashlib.sha256(f"{seed}|{a.email}|{task['id']}".encode()).hexdigest()[:12], 16))
             # A grid task asks about many images: the worker judges each one, then submits once.
             image_ids = [i for _, i in kind.items(data)] if kind.items is not None else [data["image_id"]]
-            if kind.items is None and (data["image_id"], data["wnid"]) in a.judged:
+            pair = (data.get("image_id"), data["wnid"])
+            if kind.items is None and pair in a.judged and pair not in controls:
                 skip(a.client, int(task["id"]), project_id)
                 still.append(a)
                 continue
             answers = {}
             for image_id in image_ids:
                 key = (image_id, data["wnid"])
-                if key not in truth:
+                known = truth[key] if key in truth else controls.get(key)
+                if known is None:
                     raise KeyError(f"no truth for {key}: the simulation's truth table must cover every pushed task")
-                answers[image_id] = a.profile.answer(truth[key], rng=rng, choices=kind.answers,
+                answers[image_id] = a.profile.answer(known, rng=rng, choices=kind.answers,
                                                      difficulty=(difficulty or {}).get(data["wnid"]))
             lead = max(0.5, rng.gauss(a.profile.speed_s, a.profile.speed_s / 4))
             result = kind.render(answers, data) if kind.items is not None else kind.render(answers[image_ids[0]], data)

@@ -1,4 +1,11 @@
-"""Crowd status: per synset how many tasks are open or done, votes and workers; per worker gold accuracy.
+"""Crowd status and worker control: per synset how many tasks are open or done; per worker the votes, gold record,
+QC's view and whether the account is blocked; blocking and unblocking accounts.
+
+Blocking deactivates the Label Studio account (`CrowdClient.block_user`): the person can no longer log in and the
+account's token stops working, so it gets no task; its annotations stay on the server, are still pulled and QC still
+weighs (or drops) them. Who to block comes from the two worker tables: `worker_gold` (gold accuracy, measured by
+pull) and `workers` (QC's model: spammers, yes-sayers, adversaries, low estimated accuracy). Pseudonyms are mapped
+back to accounts only here, with the admin token and the pseudonym key (`crowd.pull.accounts`), never in a table.
 
     >>> import pandas as pd
     >>> tasks = pd.DataFrame({"task_id": [1, 2], "wnid": ["n1", "n1"], "is_gold": [False, True]})
@@ -10,13 +17,24 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pandas as pd
 
-from crowd.client import CrowdClient
+from crowd.client import CrowdClient, CrowdError
 from crowd.push import server_tasks
+from pipeline.errors import UserError
 from pipeline.store import Store
+
+log = logging.getLogger("synsetforge.crowd")
+
+RECORD_COLUMNS = ["worker", "user_id", "n_votes", "gold_n", "gold_accuracy", "estimated_accuracy", "qc_flag",
+                  "gold_flag", "flagged", "blocked"]
+
+
+class WorkerUnknown(UserError):
+    """No Label Studio account has the given pseudonym or email."""
 
 
 def synset_status(tasks: pd.DataFrame, remote: pd.DataFrame, votes: pd.DataFrame) -> pd.DataFrame:
@@ -43,4 +61,160 @@ def status(store: Store, client: CrowdClient | None, project_ids: list[int]) -> 
         else pd.DataFrame({"task_id": pd.Series(dtype="int64"), "is_labeled": pd.Series(dtype=bool)})
     workers = store.read_table("worker_gold", missing_ok=True).to_pandas()
     quarantine = store.read_table("quarantine", missing_ok=True).to_pandas()
-    return {"synsets": synset_status(tasks, remote, votes), "workers": workers, "quarantined": len(quarantine)}
+    gold = store.read_table("gold", missing_ok=True).to_pandas()
+    return {"synsets": synset_status(tasks, remote, votes), "workers": workers, "quarantined": len(quarantine),
+            "gold": len(gold)}
+
+
+# -- workers --------------------------------------------------------------------------------------------
+def flag_reasons(store: Store) -> dict[str, str]:
+    """Pseudonym -> why it must get no more tasks: flagged by gold accuracy (`worker_gold`, measured by pull) or by
+    QC's worker model (`workers`: spammers, yes-sayers, adversaries, low estimated accuracy)."""
+    out: dict[str, str] = {}
+    for name, label in (("worker_gold", "gold"), ("workers", "qc")):
+        if store.has_table(name):
+            t = store.read_table(name).to_pandas()
+            t = t[t["flagged"].astype(bool)]
+            for w, r in zip(t["worker"], t["flag_reason"], strict=True):
+                out.setdefault(str(w), f"{label}: {r}" if r else label)
+    return out
+
+
+def flagged_workers(store: Store) -> set[str]:
+    """Pseudonyms flagged in `worker_gold` or `workers` (see flag_reasons)."""
+    return set(flag_reasons(store))
+
+
+def worker_records(worker_gold: pd.DataFrame, workers: pd.DataFrame, accounts: pd.DataFrame | None = None,
+                   blocked_ids: set[int] | None = None) -> pd.DataFrame:
+    """Pure: one row per worker (from either table, plus blocked accounts with no record): votes, gold answers and
+    accuracy, QC's estimated accuracy, each side's flag, and (given the accounts and the blocked ids) the account id
+    and whether it is blocked (None: not known).
+
+        >>> wg = pd.DataFrame({"worker": ["w-a", "w-b"], "n_votes": [10, 12], "gold_n": [4, 6],
+        ...                    "gold_accuracy": [1.0, 0.5], "flagged": [False, True], "flag_reason": [None, "gold 0.5"]})
+        >>> qc = pd.DataFrame({"worker": ["w-a"], "n_votes": [10], "estimated_accuracy": [0.97], "flagged": [False],
+        ...                    "flag_reason": [None]})
+        >>> acc = pd.DataFrame({"worker": ["w-a", "w-b"], "user_id": [3, 4], "email": ["a@x", "b@x"]})
+        >>> worker_records(wg, qc, acc, {4})[["worker", "user_id", "gold_flag", "flagged", "blocked"]].values.tolist()
+        [['w-a', 3, None, False, False], ['w-b', 4, 'gold 0.5', True, True]]
+    """
+    g = worker_gold.set_index("worker") if len(worker_gold) else pd.DataFrame()
+    q = workers.set_index("worker") if len(workers) else pd.DataFrame()
+    names = set(g.index) | set(q.index)
+    acc = accounts if accounts is not None else pd.DataFrame(columns=["worker", "user_id", "email"])
+    uid = dict(zip(acc["worker"], acc["user_id"], strict=True))
+    if blocked_ids:
+        names |= {w for w, u in uid.items() if u in blocked_ids}
+    rows = []
+    for w in sorted(names):
+        gr = g.loc[w] if w in g.index else None
+        qr = q.loc[w] if w in q.index else None
+        g_flag = gr is not None and bool(gr["flagged"])
+        q_flag = qr is not None and bool(qr["flagged"])
+        n_votes = gr["n_votes"] if gr is not None else (qr["n_votes"] if qr is not None else 0)
+        gold_n = gr["gold_n"] if gr is not None else (qr["gold_n"] if qr is not None and "gold_n" in qr else 0)
+        user = uid.get(w)
+        rows.append({
+            "worker": w, "user_id": None if user is None else int(user), "n_votes": int(n_votes), "gold_n": int(gold_n),
+            "gold_accuracy": gr["gold_accuracy"] if gr is not None else None,
+            "estimated_accuracy": qr["estimated_accuracy"] if qr is not None else None,
+            "qc_flag": (qr["flag_reason"] or "flagged") if q_flag else None,
+            "gold_flag": (gr["flag_reason"] or "flagged") if g_flag else None,
+            "flagged": g_flag or q_flag,
+            "blocked": None if blocked_ids is None or user is None else int(user) in blocked_ids,
+        })
+    out = pd.DataFrame(rows, columns=RECORD_COLUMNS)
+    out["user_id"] = out["user_id"].astype("Int64")
+    for col in ("qc_flag", "gold_flag", "blocked", "gold_accuracy", "estimated_accuracy"):
+        out[col] = out[col].astype(object).where(out[col].notna(), None)
+    return out
+
+
+def _password(settings: Any) -> str:
+    secret = settings.crowd.admin_password
+    if secret is None or not secret.get_secret_value():
+        raise UserError("crowd.admin_password is not set: export SYNSETFORGE__CROWD__ADMIN_PASSWORD (the password of the "
+                        "Label Studio account whose token synsetforge uses; `synsetforge crowd serve` writes it to "
+                        "<data dir>/admin-password). Blocking goes through Label Studio's /admin/ site, which needs it")
+    return secret.get_secret_value()
+
+
+def workers_report(store: Store, client: CrowdClient | None, settings: Any) -> pd.DataFrame:
+    """worker_records for the store, with accounts and blocked state when a client (and admin password) is at hand;
+    plus an `email` column, for the admin's eyes only (never written anywhere)."""
+    from crowd.pull import accounts, pseudonym_key
+
+    wg = store.read_table("worker_gold", missing_ok=True).to_pandas()
+    qc = store.read_table("workers", missing_ok=True).to_pandas()
+    acc = blocked = None
+    if client is not None:
+        acc = accounts(client, pseudonym_key(settings))
+        if settings.crowd.admin_password is not None:
+            blocked = client.blocked_user_ids(password=_password(settings))
+    out = worker_records(wg, qc, acc, blocked)
+    email = dict(zip(acc["worker"], acc["email"], strict=True)) if acc is not None else {}
+    return out.assign(email=[email.get(w) for w in out["worker"]])
+
+
+def resolve_account(client: CrowdClient, settings: Any, who: str) -> tuple[str, int]:
+    """(pseudonym, user id) of a worker given by pseudonym or email."""
+    from crowd.pull import accounts, pseudonym, pseudonym_key
+
+    key = pseudonym_key(settings)
+    acc = accounts(client, key)
+    w = who.strip()
+    worker = w if w.startswith("w-") else pseudonym(w, key)
+    hit = acc[acc["worker"] == worker]
+    if hit.empty:
+        raise WorkerUnknown(f"no Label Studio account at {client.url} has pseudonym {worker}"
+                            f"{'' if w.startswith('w-') else f' (the pseudonym of {w})'} under this crowd.pseudonym_key; "
+                            "`synsetforge crowd workers` lists the workers")
+    return worker, int(hit["user_id"].iloc[0])
+
+
+def set_blocked(client: CrowdClient, settings: Any, who: str, blocked: bool) -> dict[str, Any]:
+    """Block or unblock one worker (pseudonym or email); returns what happened."""
+    worker, uid = resolve_account(client, settings, who)
+    password = _password(settings)
+    changed = client.block_user(uid, password=password) if blocked else client.unblock_user(uid, password=password)
+    return {"worker": worker, "user_id": uid, "blocked": blocked, "changed": changed}
+
+
+def block_flagged(store: Store, client: CrowdClient, settings: Any) -> dict[str, Any]:
+    """Block every account QC or gold flags, except `crowd.block_exempt`; never unblocks anyone. Returns the
+    pseudonyms newly blocked, the ones already blocked and flagged pseudonyms with no account on this server."""
+    from crowd.pull import accounts, pseudonym_key
+
+    reasons = flag_reasons(store)
+    exempt = set(settings.crowd.block_exempt)
+    todo = {w: r for w, r in reasons.items() if w not in exempt}
+    if not todo:
+        return {"flagged": len(reasons), "blocked": [], "already_blocked": 0, "no_account": [], "exempt": len(reasons)}
+    password = _password(settings)
+    acc = accounts(client, pseudonym_key(settings))
+    uid = dict(zip(acc["worker"], acc["user_id"], strict=True))
+    already = client.blocked_user_ids(password=password)
+    me = int(client.whoami().get("id", -1))
+    newly, missing, n_already = [], [], 0
+    for w in sorted(todo):
+        if w not in uid:
+            missing.append(w)
+            continue
+        if uid[w] in already:
+            n_already += 1
+            continue
+        if uid[w] == me:
+            log.warning("worker %s is flagged (%s) but is the admin account: not blocked", w, todo[w])
+            continue
+        try:
+            client.block_user(uid[w], password=password)
+        except CrowdError as exc:
+            if exc.status is None and "administrator" in str(exc):
+                log.warning("worker %s is flagged (%s) but is an administrator: not blocked", w, todo[w])
+                continue
+            raise
+        log.info("blocked worker %s (%s)", w, todo[w])
+        newly.append(w)
+    return {"flagged": len(reasons), "blocked": newly, "already_blocked": n_already, "no_account": missing,
+            "exempt": len(reasons) - len(todo)}

@@ -158,6 +158,23 @@ class CrowdSettings(Section):
     grid_size: int = Field(48, ge=2, le=200, description="images per grid task (ImageNet used 48)")
     grid_positives: int = Field(3, ge=0, description="known positives (gold) per grid task, when there are any")
     grid_negatives: int = Field(3, ge=0, description="known negatives (gold) per grid task, when there are any")
+    gold_seed_file: str | None = Field(
+        None, description="expert-checked controls (CSV or Parquet: image_id or url, wnid, answer yes/no)")
+    gold_min_confidence: float = Field(
+        0.999, gt=0.5, lt=1.0, description="QC confidence an accepted pair needs to become a known positive")
+    gold_min_workers: int = Field(
+        3, ge=1, description="unflagged workers who must have said yes before an accepted pair becomes gold")
+    gold_positives_per_wnid: int = Field(
+        3, ge=0, description="known positives per synset taken from the crowd's results (each leaves the labels)")
+    gold_max_positive_share: float = Field(
+        0.1, ge=0.0, le=1.0, description="a synset gives at most this share of its accepted images as known positives")
+    gold_negatives_per_wnid: int = Field(
+        5, ge=0, description="known negatives per synset: images accepted for a synset in another subtree")
+    auto_block: bool = Field(False, description="the crowd DAG blocks the accounts QC or gold flags")
+    block_exempt: list[str] = Field(
+        default_factory=list, description="worker pseudonyms auto_block leaves alone (e.g. unblocked by hand)")
+    admin_password: SecretStr | None = Field(
+        None, description="password of the token's account; blocking goes through Label Studio's /admin/ site")
 
 
 class ReleaseSettings(Section):

@@ -113,6 +113,17 @@ def pairs_to_verify(links: pd.DataFrame) -> pd.DataFrame:
     return kept[["image_id", "wnid"]].drop_duplicates().reset_index(drop=True)
 
 
+def without_controls(labels: pd.DataFrame, plan: pd.DataFrame, gold: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Labels and push plan without the pairs of the `gold` table: a control is known, whether or not it has been
+    pushed as a gold task yet, so it is neither a label (nor, then, in a release) nor asked about as a candidate."""
+    if not len(gold):
+        return labels, plan
+    held = set(task_key(gold["image_id"], gold["wnid"]))
+    keep = [k not in held for k in task_key(labels["image_id"], labels["wnid"])] if len(labels) else []
+    keep_plan = [k not in held for k in task_key(plan["image_id"], plan["wnid"])] if len(plan) else []
+    return labels[keep].reset_index(drop=True), plan[keep_plan].reset_index(drop=True)
+
+
 def run_qc(store: Any, settings: Any, pairs: pd.DataFrame | None = None) -> dict[str, Any]:
     """Read votes/tasks, aggregate, write labels, workers and push_plan; returns a summary dict."""
     votes = store.read_table("votes", missing_ok=True).to_pandas()
@@ -120,6 +131,7 @@ def run_qc(store: Any, settings: Any, pairs: pd.DataFrame | None = None) -> dict
     if pairs is None:
         pairs = pairs_to_verify(store.read_table("image_links", missing_ok=True).to_pandas())
     labels, workers, plan, model = aggregate(votes, tasks, pairs, settings.qc)
+    labels, plan = without_controls(labels, plan, store.read_table("gold", missing_ok=True).to_pandas())
     store.write_table("labels", labels)
     store.write_table("workers", workers)
     store.write_table("push_plan", plan)

@@ -1,236 +1,49 @@
-"""report.html for a release: one self-contained file (inline CSS, SVG plots and JPEG thumbnails as data URIs).
+"""report.html for a release: one self-contained file (inline CSS, inline SVG plots drawn by matplotlib,
+JPEG thumbnails as data URIs; no script, nothing fetched).
 
-Sections: release facts, split sizes, per-class counts and estimated precision, label cost (votes and
-worker-seconds per accepted image and per box), worker quality, rejected candidates by reason, and a
-thumbnail grid per class; the dataset card (card.md) is written beside it. Tables the release does not
-contain (votes, tasks, box_answers, workers) are read from the store if present, else the section says
-"no data".
+Sections: release facts, split sizes, images per class (by split) and estimated precision, label cost (votes
+and worker-seconds per accepted image and per box), worker quality, sources and licenses, rejected
+candidates by reason, and a thumbnail grid per class; the dataset card (card.md) is written beside it.
+Classes are always shown as their wnid with the synset name. The facts come from `pipeline.release.facts`;
+a table the store lacks, or a plot with nothing to draw, is said in words instead ("no data").
 
-The report is deterministic for a release (dates come from the manifest), so writing it again gives the
-same bytes; it is put with an exclusive create and a re-run with identical content is a no-op.
+The report is deterministic for a release (dates come from the manifest, plots have fixed ids), so writing
+it again gives the same bytes; it is put with an exclusive create and a re-run with identical content is a
+no-op.
 
-    >>> svg = bar_chart(["a", "b"], [3, 5], title="demo")
-    >>> svg.startswith("<svg") and "demo" in svg
+    >>> import pandas as pd
+    >>> m = {"version": "v1", "created_at": "2026-01-01T00:00:00Z", "parent": None, "code_version": "x",
+    ...      "config_digest": "0" * 64, "classes": {}, "splits": {"train": 0, "val": 0, "test": 0},
+    ...      "files": {"boxes": {"rows": 0}}, "split_policy": {}, "neardup_dropped": 0}
+    >>> classes = pd.DataFrame(columns=["wnid", "name", "train", "val", "test", "boxes", "images", "precision"])
+    >>> page = render_html(ReportData(m, classes, {"votes": None, "boxes": None}, None, pd.DataFrame(
+    ...     columns=["reason", "count"])))
+    >>> "No images in this release" in page and "<svg" not in page
     True
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
-from pipeline.release.manifest import ReleaseError, read_manifest, read_release_table, release_prefix
-from pipeline.store import KeyExists, MissingKey, Store
+from pipeline.release import plots
+from pipeline.release.facts import WORKER_MEASURES, ReportData, collect
+from pipeline.release.manifest import ReleaseError, release_prefix
+from pipeline.store import KeyExists, Store
 
-ILSVRC_SECONDS_PER_BOX = 35.0  # Su, Deng, Fei-Fei 2012: about 35 s of worker time per good box
-
-
-# ---------------------------------------------------------------- plots (SVG, no plotting library)
-
-
-def bar_chart(labels: list[str], values: list[float], *, title: str, width: int = 760, height: int = 240,
-              colour: str = "#4a78b5", value_format: str = "{:g}") -> str:
-    """A vertical bar chart as an SVG document (labels shown when there is room)."""
-    n = max(len(values), 1)
-    top = max([float(v) for v in values] + [1e-9])
-    left, bottom, plot_h = 50, 40, height - 70
-    bw = (width - left - 10) / n
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-             f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
-             f'<line x1="{left}" y1="{height - bottom}" x2="{width - 5}" y2="{height - bottom}" stroke="#333"/>',
-             f'<text x="{left - 4}" y="{height - bottom - plot_h + 4}" text-anchor="end">'
-             f'{html.escape(value_format.format(top))}</text>',
-             f'<text x="{left - 4}" y="{height - bottom}" text-anchor="end">0</text>']
-    for k, (label, v) in enumerate(zip(labels, values, strict=True)):
-        h = plot_h * float(v) / top
-        x = left + k * bw
-        parts.append(f'<rect x="{x + bw * 0.1:.2f}" y="{height - bottom - h:.2f}" width="{max(bw * 0.8, 0.5):.2f}" '
-                     f'height="{h:.2f}" fill="{colour}"><title>{html.escape(str(label))}: {v}</title></rect>')
-        if n <= 30:
-            parts.append(f'<text x="{x + bw / 2:.2f}" y="{height - bottom + 14}" text-anchor="middle" '
-                         f'font-size="9">{html.escape(str(label)[:12])}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def histogram(values: np.ndarray, *, bins: int, lo: float, hi: float, title: str, colour: str = "#5a9e6f") -> str:
-    values = np.asarray(values, dtype=np.float64)
-    counts, edges = np.histogram(values[np.isfinite(values)], bins=bins, range=(lo, hi))
-    labels = [f"{edges[k]:.2f}" for k in range(bins)]
-    return bar_chart(labels, counts.tolist(), title=title, colour=colour)
-
-
-def data_uri(data: bytes | str, mime: str) -> str:
-    raw = data.encode() if isinstance(data, str) else data
-    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
-
-
-def thumbnail(data: bytes, side: int = 96) -> bytes | None:
-    """A small JPEG of an image blob; None when it does not decode (shown as a gap, never a failure)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (side * 2, side * 2))
-            img = img.convert("RGB")
-            img.thumbnail((side, side))
-            out = io.BytesIO()
-            img.save(out, format="JPEG", quality=80)
-            return out.getvalue()
-    except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes
-        return None
-
-
-# ---------------------------------------------------------------- facts
-
-
-@dataclass
-class ReportData:
-    manifest: dict[str, Any]
-    classes: pd.DataFrame  # per wnid: name, train, val, test, boxes, precision, votes/s per image
-    cost: dict[str, Any]
-    workers: pd.DataFrame | None
-    rejected: pd.DataFrame  # reason, count
-    thumbs: dict[str, list[str]] = field(default_factory=dict)  # wnid -> data URIs
-    licenses: pd.DataFrame | None = None
-    sources: pd.DataFrame | None = None
-
-
-def _optional(store: Store, name: str) -> pa.Table | None:
-    from pipeline.schemas import SchemaError
-
-    try:
-        return store.read_table(name) if store.has_table(name) else None
-    except (SchemaError, MissingKey):
-        return None
-
-
-def collect(store: Store, version: str, *, thumbs_per_class: int = 8, max_thumb_classes: int = 200) -> ReportData:
-    """Everything the report and card show, from the release and the store's optional crowd tables."""
-    manifest = read_manifest(store, version)
-    synsets = read_release_table(store, version, "synsets", manifest=manifest).to_pandas()
-    labels = read_release_table(store, version, "labels", manifest=manifest).to_pandas()
-    images = read_release_table(store, version, "images", manifest=manifest)
-    boxes = read_release_table(store, version, "boxes", manifest=manifest).to_pandas()
-    prim = labels[labels.is_primary]
-
-    per = pd.DataFrame.from_dict(manifest["classes"], orient="index")
-    per.index.name = "wnid"
-    per["name"] = synsets.set_index("wnid").reindex(per.index)["name"]
-    per["precision"] = prim.groupby("wnid").confidence.mean().reindex(per.index)
-    per["images"] = per[["train", "val", "test"]].sum(axis=1)
-
-    cost: dict[str, Any] = {"votes": None, "boxes": None}
-    votes = _optional(store, "votes")
-    accepted_ids = set(prim.image_id)
-    if votes is not None and votes.num_rows:
-        v = votes.select(["image_id", "wnid", "worker", "answer", "lead_time_s"]).to_pandas()
-        per_wnid = v.groupby("wnid").agg(n_votes=("answer", "size"), seconds=("lead_time_s", "sum"))
-        n_acc = per["images"].replace(0, np.nan)
-        per["votes_per_image"] = per_wnid.n_votes.reindex(per.index) / n_acc
-        per["seconds_per_image"] = per_wnid.seconds.reindex(per.index) / n_acc
-        cost["votes"] = {"n_votes": len(v), "worker_seconds": float(v.lead_time_s.sum()),
-                         "accepted_images": len(accepted_ids),
-                         "votes_per_image": len(v) / max(len(accepted_ids), 1),
-                         "seconds_per_image": float(v.lead_time_s.sum()) / max(len(accepted_ids), 1),
-                         "share_on_released_images": float(v.image_id.isin(accepted_ids).mean())}
-    answers = _optional(store, "box_answers")
-    if answers is not None and answers.num_rows and len(boxes):
-        a = answers.select(["kind", "lead_time_s"]).to_pandas()
-        secs = float(a.lead_time_s.sum())
-        cost["boxes"] = {"n_answers": len(a), "worker_seconds": secs, "accepted_boxes": len(boxes),
-                         "seconds_per_box": secs / len(boxes),
-                         "by_kind": a.groupby("kind").lead_time_s.agg(["size", "sum"]).round(1).to_dict("index"),
-                         "ilsvrc_seconds_per_box": ILSVRC_SECONDS_PER_BOX}
-
-    workers = None
-    wt = _optional(store, "workers")
-    if wt is not None and wt.num_rows:
-        workers = wt.to_pandas()
-    elif votes is not None and votes.num_rows:
-        # agreement of each worker with the final label (accepted -> yes, rejected -> no)
-        lab = store.read_table("labels").select(["image_id", "wnid", "status"]).to_pandas()
-        lab = lab[lab.status.isin(["accepted", "rejected"])]
-        v = votes.select(["image_id", "wnid", "worker", "answer"]).to_pandas().merge(lab, on=["image_id", "wnid"])
-        v["agree"] = (v.answer == "yes") == (v.status == "accepted")
-        workers = v.groupby("worker").agg(n_votes=("agree", "size"), agreement=("agree", "mean")).reset_index()
-
-    rejected = _rejections(store, manifest)
-    thumbs = _thumbnails(store, prim, images, thumbs_per_class, max_thumb_classes)
-    licenses, sources = _provenance(store, images)
-    return ReportData(manifest, per.reset_index(), cost, workers, rejected, thumbs, licenses, sources)
-
-
-def _rejections(store: Store, manifest: dict[str, Any]) -> pd.DataFrame:
-    rows: list[tuple[str, int]] = []
-    imgs = _optional(store, "images")
-    if imgs is not None:
-        df = imgs.select(["status", "reject_reason"]).to_pandas()
-        bad = df[df.status != "accepted"]
-        for (status, reason), n in bad.fillna({"reject_reason": "unspecified"}).groupby(
-                ["status", "reject_reason"]).size().items():
-            rows.append((f"download/ingest: {status} ({reason})" if status != "duplicate" else
-                         "ingest: exact duplicate of another URL", int(n)))
-    for status, n in manifest.get("stats", {}).get("label_status", {}).items():
-        if status != "accepted":
-            rows.append((f"crowd: label {status}", int(n)))
-    stats = manifest.get("stats", {})
-    for key, text in (("labels_without_image", "release: accepted label without an accepted image"),
-                      ("labels_outside_vocabulary", "release: label outside the vocabulary"),
-                      ("boxes_not_accepted", "boxes: not accepted by quality verification")):
-        if stats.get(key):
-            rows.append((text, int(stats[key])))
-    rows.append(("release: train near-duplicate of a val/test image", int(manifest["neardup_dropped"])))
-    return pd.DataFrame(rows, columns=["reason", "count"])
-
-
-def _thumbnails(store: Store, prim: pd.DataFrame, images: pa.Table, per_class: int, max_classes: int
-                ) -> dict[str, list[str]]:
-    if per_class <= 0:
-        return {}
-    keys = dict(zip(images.column("image_id").to_pylist(), images.column("storage_key").to_pylist(), strict=True))
-    out: dict[str, list[str]] = {}
-    for wnid, g in list(prim.sort_values(["wnid", "image_id"]).groupby("wnid"))[:max_classes]:
-        uris = []
-        for image_id in g.image_id.head(per_class):
-            try:
-                thumb = thumbnail(store.get(keys[image_id]))
-            except (MissingKey, KeyError):
-                thumb = None
-            if thumb:
-                uris.append(data_uri(thumb, "image/jpeg"))
-        out[wnid] = uris
-    return out
-
-
-def _provenance(store: Store, images: pa.Table) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    cands = _optional(store, "candidates")
-    if cands is None or not cands.num_rows:
-        return None, None
-    c = cands.select(["url", "source", "license"]).to_pandas().drop_duplicates("url")
-    urls = pd.DataFrame({"url": images.column("first_url").to_pylist()})
-    m = urls.merge(c, on="url", how="left")
-    licenses = m.fillna({"license": "unknown"}).groupby("license").size().rename("images").reset_index()
-    sources = m.fillna({"source": "unknown"}).groupby("source").size().rename("images").reset_index()
-    return licenses.sort_values("images", ascending=False), sources.sort_values("images", ascending=False)
-
-
-# ---------------------------------------------------------------- HTML
-
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+__all__ = ["ReportData", "build_report", "build_report_from_settings", "collect", "render_html"]
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
 th{background:#eef}td:first-child,th:first-child{text-align:left}.grid img{margin:2px;border:1px solid #ddd}
-.nodata{color:#a33;font-style:italic}h2{border-bottom:2px solid #4a78b5}"""
+.nodata{color:#a33;font-style:italic}h2{border-bottom:2px solid #4a78b5}
+figure.plot{margin:.5em 0}figure.plot svg{max-width:100%;height:auto}
+figcaption{font-size:.85em;color:#555}"""
 
 
 def _table(df: pd.DataFrame, floats: str = "{:.3f}") -> str:
@@ -241,6 +54,8 @@ def _table(df: pd.DataFrame, floats: str = "{:.3f}") -> str:
         for v in row:
             if isinstance(v, float | np.floating):
                 text = "" if not np.isfinite(v) else (f"{int(v)}" if float(v).is_integer() else floats.format(v))
+            elif v is None or v is pd.NA:
+                text = ""
             else:
                 text = str(v)
             cells.append(f"<td>{html.escape(text)}</td>")
@@ -248,37 +63,89 @@ def _table(df: pd.DataFrame, floats: str = "{:.3f}") -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def _img(svg: str, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="{data_uri(svg, "image/svg+xml")}">'
+def _plot(plot: plots.Plot | None, no_data: str, caption: str = "") -> str:
+    """The plot inline, or the sentence saying why there is none."""
+    if plot is None:
+        return f"<p class='nodata plot-missing'>{html.escape(no_data)}</p>"
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f"<figure class='plot' id='plot-{plot.id}' data-marks='{plot.marks}'>{plot.svg}{cap}</figure>"
+
+
+def _label(wnid: str, name: Any) -> str:
+    return f"{wnid} {name}" if isinstance(name, str) and name else wnid
+
+
+def _workers_section(d: ReportData) -> list[str]:
+    s = []
+    w = d.workers
+    if w is None or not len(w):
+        return ["<p class='nodata'>No data (no workers or votes table in the store).</p>"]
+    measures = [c for c in WORKER_MEASURES if c in w]
+    s.append(f"<p>{len(w)} workers.</p>")
+    stats = []
+    for col in measures:
+        values = pd.to_numeric(w[col], errors="coerce").to_numpy(dtype=float)
+        n = int(np.isfinite(values).sum())
+        what = WORKER_MEASURES[col]
+        s.append(_plot(plots.histogram_plot(f"workers-{col.replace('_', '-')}", values, title=f"workers by {what}",
+                                            xlabel=col.replace("_", " "), lo=0.0, hi=1.0, colour="#b5784a"),
+                       f"No worker has a {what.split(' (')[0]} yet ({'no gold answers' if col == 'gold_accuracy' else 'no values'}), "
+                       "so there is nothing to plot.",
+                       f"{col.replace('_', ' ').capitalize()} known for {n} of {len(w)} workers."))
+        if n:
+            q = pd.Series(values[np.isfinite(values)]).describe()[["count", "mean", "min", "25%", "50%", "75%", "max"]]
+            stats.append(q.rename(col))
+    if stats:
+        s.append(_table(pd.concat(stats, axis=1).reset_index().rename(columns={"index": "statistic"})))
+    return s
 
 
 def render_html(d: ReportData) -> str:
     m = d.manifest
+    stats = m.get("stats", {})
     s: list[str] = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
                     f"<title>synsetforge release {html.escape(m['version'])}</title><style>{CSS}</style></head><body>"]
     s.append(f"<h1>Release {html.escape(m['version'])}</h1>")
-    facts = pd.DataFrame([("created", m["created_at"]), ("parent", m["parent"] or "none"),
-                          ("code", m["code_version"]), ("configuration digest", m["config_digest"][:16]),
-                          ("classes", len(m["classes"])), ("images", sum(m["splits"].values())),
-                          ("boxes", m["files"]["boxes"]["rows"]),
-                          ("kept split from parent", m["split_policy"].get("kept_from_parent", 0)),
-                          ("near-duplicate check", "yes" if m.get("stats", {}).get("neardup_checked") else "SKIPPED")],
-                         columns=["fact", "value"])
-    s.append(_table(facts))
+    boxes_fact = m["files"]["boxes"]["rows"] if d.has_boxes_table else "none (classification only: no boxes table)"
+    facts = [("created", m["created_at"]), ("parent", m["parent"] or "none"),
+             ("code", m["code_version"]), ("configuration digest", m["config_digest"][:16]),
+             ("classes", len(m["classes"])), ("images", sum(m["splits"].values())),
+             ("boxes", boxes_fact),
+             ("QC methods", ", ".join(m.get("qc_methods", [])) or "not recorded"),
+             ("split quotas (val / test per class)",
+              f"{m['split_policy'].get('val_per_class', '?')} / {m['split_policy'].get('test_per_class', '?')}"),
+             ("kept split from parent", m["split_policy"].get("kept_from_parent", 0)),
+             ("near-duplicate check", "yes" if stats.get("neardup_checked") else "SKIPPED")]
+    if d.attribution:
+        a = d.attribution
+        facts.append(("attribution", f"{a['with_license']} of {a['images']} images with a license, "
+                                     f"{a['with_creator']} with a creator"))
+    s.append(_table(pd.DataFrame(facts, columns=["fact", "value"])))
+    short = stats.get("short_classes") or []
+    if short:
+        s.append(f"<p class='nodata'>Built with --force: {len(short)} classes have no train or no val image: "
+                 + html.escape(", ".join(_label(r["wnid"], r.get("name")) for r in short[:20]))
+                 + (" ..." if len(short) > 20 else "") + ".</p>")
 
     s.append("<h2 id='splits'>Split sizes</h2>")
-    s.append(_table(pd.DataFrame([(k, v) for k, v in m["splits"].items()], columns=["split", "images"])))
-    s.append(_img(bar_chart(list(m["splits"]), list(m["splits"].values()), title="images per split", width=360),
-                  "images per split"))
+    splits = {k: m["splits"][k] for k in sorted(m["splits"], key=lambda k: (SPLIT_ORDER.get(k, 9), k))}
+    s.append(_table(pd.DataFrame(list(splits.items()), columns=["split", "images"])))
+    s.append(_plot(plots.bar_plot("splits", list(splits), list(splits.values()), title="images per split",
+                                  colours=[plots.COLOURS.get(k, plots.BAR) for k in splits]),
+                   "No images in this release, so there is nothing to plot."))
 
     c = d.classes.sort_values("wnid")
+    labels = [_label(w, n) for w, n in zip(c.wnid, c.name, strict=True)]
     s.append("<h2 id='classes'>Images per class</h2>")
-    s.append(_img(bar_chart(c.wnid.tolist(), c.images.tolist(), title="images per class (train+val+test)"),
-                  "images per class"))
+    s.append(_plot(plots.class_plot("classes", labels, {k: c[k].tolist() for k in ("train", "val", "test")},
+                                    title="images per class"),
+                   "No class has images in this release, so there is nothing to plot."))
     s.append("<h2 id='precision'>Estimated precision per class</h2><p>Mean posterior P(image shows the synset) "
              "of the accepted labels (the QC stage's confidence); ImageNet reported 99.7 % over 80 synsets.</p>")
-    s.append(_img(histogram(c.precision.to_numpy(), bins=20, lo=0.8, hi=1.0,
-                            title="classes by estimated precision"), "precision histogram"))
+    s.append(_plot(plots.histogram_plot("precision", c.precision.to_numpy(dtype=float), lo=0.8, hi=1.0,
+                                        title="classes by estimated precision", xlabel="estimated precision",
+                                        colour="#5a9e6f"),
+                   "No class has an accepted label, so there is no precision to plot."))
     cols = ["wnid", "name", "train", "val", "test", "boxes", "precision"]
     cols += [x for x in ("votes_per_image", "seconds_per_image") if x in c]
     s.append(_table(c[cols]))
@@ -305,17 +172,16 @@ def render_html(d: ReportData) -> str:
         s.append("<p class='nodata'>Box cost: no data (no box_answers table, or no boxes).</p>")
 
     s.append("<h2 id='workers'>Worker quality</h2>")
-    if d.workers is not None and len(d.workers):
-        col = next((x for x in ("gold_accuracy", "estimated_accuracy", "agreement") if x in d.workers), None)
-        if col:
-            s.append(f"<p>Distribution of <code>{col}</code> over {len(d.workers)} workers.</p>")
-            s.append(_img(histogram(d.workers[col].to_numpy(dtype=float), bins=20, lo=0.0, hi=1.0,
-                                    title=f"workers by {col}", colour="#b5784a"), "worker quality"))
-        q = d.workers[col].describe()[["count", "mean", "min", "25%", "50%", "75%", "max"]] if col else None
-        if q is not None:
-            s.append(_table(q.rename("value").reset_index().rename(columns={"index": "statistic"})))
+    s.extend(_workers_section(d))
+
+    s.append("<h2 id='licenses'>Sources and licenses</h2>")
+    if d.licenses is not None and d.sources is not None:
+        s.append("<p>As the sources reported them for each image's first URL; the release's images table and "
+                 "the devkit export's ATTRIBUTION files carry them per image.</p>")
+        s.append(_table(d.sources))
+        s.append(_table(d.licenses))
     else:
-        s.append("<p class='nodata'>No data (no workers or votes table in the store).</p>")
+        s.append("<p class='nodata'>No data (no candidates table in the store).</p>")
 
     s.append("<h2 id='rejected'>Rejected candidates by reason</h2>")
     s.append(_table(d.rejected))
@@ -325,7 +191,7 @@ def render_html(d: ReportData) -> str:
         s.append("<p class='nodata'>No thumbnails (disabled).</p>")
     names = dict(zip(c.wnid, c.name, strict=True))
     for wnid, uris in d.thumbs.items():
-        s.append(f"<h3>{html.escape(wnid)} {html.escape(str(names.get(wnid, '')))}</h3><div class='grid'>")
+        s.append(f"<h3>{html.escape(_label(wnid, names.get(wnid)))}</h3><div class='grid'>")
         s.extend(f"<img class='thumb' alt='{html.escape(wnid)}' src='{u}'>" for u in uris)
         if not uris:
             s.append("<span class='nodata'>no decodable images</span>")

@@ -1,4 +1,4 @@
-"""`synsetforge crowd push|pull|status|serve`."""
+"""`synsetforge crowd push|pull|status|gold|workers|serve`."""
 
 from __future__ import annotations
 
@@ -103,6 +103,68 @@ def cmd_status(args: argparse.Namespace, settings: Any) -> int:
     w = out["workers"]
     print(w.to_markdown(index=False, floatfmt=".3f") if len(w) else "(no votes pulled yet)")
     print(f"\nquarantined annotations: {out['quarantined']}")
+    print(f"gold controls: {out['gold']}" + ("" if out["gold"] else " (none yet: pushes carry no controls; "
+                                                                   "`synsetforge crowd gold --refresh` builds them)"))
+    return 0
+
+
+def cmd_gold(args: argparse.Namespace, settings: Any) -> int:
+    from crowd.gold import GoldSeedError, refresh_gold
+
+    store = store_from_settings(settings)
+    if args.refresh:
+        try:
+            out = refresh_gold(store, settings)
+        except GoldSeedError as exc:
+            raise _user_error(str(exc)) from None
+        print(f"gold: {out['gold']} control(s), {out['positives']} known positive(s) and {out['negatives']} known "
+              f"negative(s) ({out.get('seed', 0)} from the seed file); {out['added']} added, {out['dropped']} dropped")
+        if out.get("note"):
+            print(f"note: {out['note']}")
+        if out.get("seed_rows_unused"):
+            print(f"{out['seed_rows_unused']} seed row(s) name an image the store does not hold or a synset outside "
+                  "the vocabulary: left out")
+        if out["added"] or out["dropped"]:
+            print("the next `synsetforge qc` (or crowd DAG run) leaves the new controls out of the labels")
+    from crowd.gold import gold_summary
+
+    summary = gold_summary(store)
+    if summary.empty:
+        print("no gold controls yet: pushes carry none and QC runs without them; they are built from confident "
+              "labels (`--refresh`, or the crowd DAG's refresh_gold) or taken from crowd.gold_seed_file")
+        return 0
+    print(summary.to_markdown(index=False, floatfmt=".3f"))
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace, settings: Any) -> int:
+    from crowd.pull import PseudonymKeyMissing
+    from crowd.status import set_blocked, workers_report
+
+    client = admin_client(settings)
+    try:
+        for who, blocked in ((args.block, True), (args.unblock, False)):
+            if who:
+                out = set_blocked(client, settings, who, blocked)
+                verb = "blocked" if blocked else "unblocked"
+                print(f"{verb} {out['worker']} (Label Studio account {out['user_id']})"
+                      + ("" if out["changed"] else f": it was {verb} already"))
+                if not blocked and settings.crowd.auto_block and out["worker"] not in settings.crowd.block_exempt:
+                    print(f"note: crowd.auto_block is on; if {out['worker']} is still flagged, the next crowd run "
+                          "blocks it again unless crowd.block_exempt lists it")
+        if args.block or args.unblock:
+            return 0
+        table = workers_report(store_from_settings(settings), client, settings)
+    except (PseudonymKeyMissing, CrowdError) as exc:
+        raise _user_error(str(exc)) from None
+    if table.empty:
+        print("(no workers yet: nobody's votes have been pulled)")
+        return 0
+    if not args.emails:
+        table = table.drop(columns="email")
+    if settings.crowd.admin_password is None:
+        print("blocked: unknown (set SYNSETFORGE__CROWD__ADMIN_PASSWORD to see who is blocked)\n")
+    print(table.to_markdown(index=False, floatfmt=".3f"))
     return 0
 
 
@@ -111,21 +173,35 @@ def cmd_serve(args: argparse.Namespace, settings: Any) -> int:
 
     data_dir = Path(args.data_dir or settings.crowd.data_dir).resolve()
     token_file = data_dir / "admin-token"
+    password_file = data_dir / "admin-password"
     token = settings.crowd.token.get_secret_value() if settings.crowd.token else None
     if token is None and token_file.exists():
         token = token_file.read_text().strip()
+    # The admin account is created on the first start only, so its password is kept for the next ones (blocking
+    # workers logs in to Label Studio's /admin/ site with it).
+    fresh = not (data_dir / "label_studio.sqlite3").exists()
+    password = password_file.read_text().strip() if password_file.exists() else None
+    if password is None and settings.crowd.admin_password is not None:
+        password = settings.crowd.admin_password.get_secret_value()
     files_root = settings.crowd.files_root or (settings.store.url if "://" not in settings.store.url else None)
     try:
-        srv = start_labelstudio(data_dir, port=args.port, token=token, files_root=Path(files_root) if files_root else None,
-                                timeout=args.timeout)
+        srv = start_labelstudio(data_dir, port=args.port, token=token, password=password,
+                                files_root=Path(files_root) if files_root else None, timeout=args.timeout)
     except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
         raise _user_error(str(exc)) from None
     data_dir.mkdir(parents=True, exist_ok=True)
-    token_file.write_text(srv.token)
-    os.chmod(token_file, stat.S_IRUSR | stat.S_IWUSR)
+    for path, secret in ((token_file, srv.token), (password_file, srv.password if (fresh or password) else None)):
+        if secret is not None:
+            path.write_text(secret)
+            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
     print(f"Label Studio is up at {srv.url} (PID {srv.pid}); admin {srv.username}")
     print(f"export SYNSETFORGE__CROWD__URL={srv.url}")
     print(f"export SYNSETFORGE__CROWD__TOKEN=$(cat {token_file})")
+    if password_file.exists():
+        print(f"export SYNSETFORGE__CROWD__ADMIN_PASSWORD=$(cat {password_file})")
+    else:
+        print("the admin's password was set by an earlier start and not kept: blocking workers needs it in "
+              "SYNSETFORGE__CROWD__ADMIN_PASSWORD")
     sys.stdout.flush()
     if args.detach:
         return 0
@@ -160,6 +236,17 @@ def register_cli(subparsers: Any) -> None:
     pull.set_defaults(func=lambda a, s: cmd_pull(argparse.Namespace(**{**vars(a), "kind": a.kind or ["verify"]}), s))
     st = sub.add_parser("status", help="per synset open/done tasks, workers and gold accuracy")
     st.set_defaults(func=cmd_status)
+    gd = sub.add_parser("gold", help="the gold controls per synset; --refresh rebuilds them from confident labels "
+                                     "and crowd.gold_seed_file")
+    gd.add_argument("--refresh", action="store_true", help="rebuild the gold table first")
+    gd.set_defaults(func=cmd_gold)
+    wk = sub.add_parser("workers", help="workers with votes, gold accuracy, QC's estimate and flags, blocked or not; "
+                                        "--block / --unblock one")
+    one = wk.add_mutually_exclusive_group()
+    one.add_argument("--block", metavar="W", help="block worker W (pseudonym w-..., or the account's email)")
+    one.add_argument("--unblock", metavar="W", help="unblock worker W")
+    wk.add_argument("--emails", action="store_true", help="show each worker's account email (admin eyes only)")
+    wk.set_defaults(func=cmd_workers)
     sv = sub.add_parser("serve", help="start a local Label Studio (Ctrl-C stops it)")
     sv.add_argument("--data-dir", help="server data dir (default crowd.data_dir)")
     sv.add_argument("--port", type=int)

@@ -400,6 +400,33 @@ def refresh_gold(store: Any, settings: Any, *, grow: bool = True) -> dict[str, A
     return stats
 
 
+def gold_summary(store: Any) -> pd.DataFrame:
+    """Per synset: known positives and negatives (and how many came from the seed file), gold tasks pushed, answers
+    to them and the share of answers that matched the known answer."""
+    gold = _table(store, "gold")
+    cols = ["wnid", "positives", "negatives", "seed", "gold_tasks", "answers", "agreement"]
+    if gold.empty:
+        return pd.DataFrame(columns=cols)
+    out = gold.assign(pos=gold["answer"].eq("yes"), neg=gold["answer"].eq("no"), seed=gold["source"].eq(SEED)
+                      ).groupby("wnid").agg(positives=("pos", "sum"), negatives=("neg", "sum"), seed=("seed", "sum"))
+    tasks = _table(store, "tasks")
+    votes = _table(store, "votes")
+    gt = tasks[tasks["is_gold"].astype(bool)] if len(tasks) else tasks
+    out["gold_tasks"] = gt.groupby("wnid")["task_id"].nunique() if len(gt) else 0
+    if len(gt) and len(votes):
+        v = votes[votes["is_gold"].astype(bool)].merge(gt[["task_id", "image_id", "gold_answer"]],
+                                                       on=["task_id", "image_id"], how="inner")
+        v = v.assign(ok=v["answer"] == v["gold_answer"])
+        out["answers"] = v.groupby("wnid").size()
+        out["agreement"] = v.groupby("wnid")["ok"].mean()
+    else:
+        out["answers"], out["agreement"] = 0, None
+    out = out.reset_index()
+    for c in ("positives", "negatives", "seed", "gold_tasks", "answers"):
+        out[c] = out[c].fillna(0).astype("int64")
+    return out[cols]
+
+
 def worker_gold(votes: pd.DataFrame, tasks: pd.DataFrame, *, min_n: int, min_accuracy: float) -> pd.DataFrame:
     """One row per worker: votes, gold answers, gold accuracy, share of yes, flagged with reason."""
     if votes.empty:

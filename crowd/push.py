@@ -114,6 +114,26 @@ def plan_requests(
     return pd.DataFrame(rows, columns=REQUEST_COLUMNS)
 
 
+def usable_gold(gold: pd.DataFrame, synsets: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+    """The controls a task can be built for (their synset and stored image known), answers yes/no only; a control
+    the store no longer holds is left out, with a log line, instead of failing the push.
+
+        >>> g = pd.DataFrame({"image_id": ["a", "b", "c"], "wnid": ["n00000001"] * 3, "answer": ["yes", "No", "no"]})
+        >>> syn = pd.DataFrame({"wnid": ["n00000001"]})
+        >>> imgs = pd.DataFrame({"image_id": ["a", "b"], "storage_key": ["k1", "k2"]})
+        >>> usable_gold(g, syn, imgs)[["image_id", "answer"]].values.tolist()
+        [['a', 'yes'], ['b', 'no']]
+    """
+    answer = gold["answer"].astype(str).str.strip().str.lower()
+    stored = set(images.loc[images["image_id"].notna() & images["storage_key"].notna(), "image_id"])
+    ok = gold["wnid"].isin(set(synsets["wnid"])) & gold["image_id"].isin(stored) & answer.isin(["yes", "no"])
+    if not ok.all():
+        log.warning("%d gold control(s) name an image or synset the store does not hold (or an answer other than "
+                    "yes/no) and are not pushed; `synsetforge crowd gold --refresh` rebuilds the gold table",
+                    int((~ok).sum()))
+    return gold[ok].assign(answer=answer[ok]).reset_index(drop=True)
+
+
 def read_push_plan(store: Store) -> pd.DataFrame:
     """The QC stage's `push_plan` table (validated by its schema file once the QC stage ships it)."""
     if not store.has_table("push_plan"):
@@ -262,6 +282,10 @@ def push(
     plan = check_plan(plan, cs.default_overlap)
     if gold is None and store.has_table("gold"):
         gold = store.read_table("gold").to_pandas()
+    if gold is not None and len(gold):
+        synsets = synsets if synsets is not None else store.read_table("synsets").to_pandas()
+        images = images if images is not None else store.read_table("images").to_pandas()
+        gold = usable_gold(gold, synsets, images)
     state = reconcile(store, client, project_id)
     remote, tasks, history = state["remote"], state["tasks"], state["requests"]
     open_ids = set(state["pending"]["request_id"]) | set(remote.loc[~remote["is_labeled"].astype(bool), "request_id"].dropna())

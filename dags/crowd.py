@@ -1,6 +1,10 @@
-"""Crowd reconcile loop: pull new votes -> aggregate (QC) -> push the next tasks -> settled? Wiring only; the work
-is in crowd.pull, pipeline.qc.stage and crowd.push, the same code `synsetforge crowd pull|push` and `synsetforge qc`
-run.
+"""Crowd reconcile loop: pull new votes -> aggregate (QC) -> refresh gold controls and block flagged workers -> push
+the next tasks -> settled? Wiring only; the work is in crowd.pull, pipeline.qc.stage, crowd.gold, crowd.status and
+crowd.push, the same code `synsetforge crowd pull|gold|workers|push` and `synsetforge qc` run.
+
+`refresh_gold` rebuilds the `gold` table (known positives and negatives from confident labels, plus the seed file)
+while QC still has votes to ask for; `block_workers` deactivates the Label Studio accounts QC or gold flags when
+crowd.auto_block (or the `auto_block` Param) is on, and does nothing otherwise.
 
 Runs every 10 minutes and whenever ingest publishes new images (the `images` Asset). Every step is idempotent
 (pull dedupes by annotation id, push by request id with a write-ahead log), so any failed run is repaired by the
@@ -24,7 +28,7 @@ LABELS = Asset("synsetforge://tables/labels")
 def _settings(params):
     from pipeline.dagtools import settings_from_params
 
-    return settings_from_params(params, "crowd", ["url", "project_prefix", "files_root", "gold_rate"])
+    return settings_from_params(params, "crowd", ["url", "project_prefix", "files_root", "gold_rate", "auto_block"])
 
 
 def _client_and_store(settings):
@@ -43,6 +47,7 @@ def _client_and_store(settings):
     params={
         **label_studio_params(),
         "gold_rate": Param(None, type=["null", "number"], minimum=0, maximum=0.9),
+        "auto_block": Param(None, type=["null", "boolean"], description="block flagged workers (default crowd.auto_block)"),
         "kind": Param("verify", type="string"),
     },
     doc_md=__doc__,
@@ -70,6 +75,26 @@ def synsetforge_crowd():
         settings = _settings(params)
         summary = run_qc(store_from_settings(settings), settings)
         return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
+
+    @task
+    @fail_fast
+    def refresh_gold(aggregated: dict, params=None) -> dict:
+        from crowd.gold import refresh_gold as refresh
+        from pipeline.store import store_from_settings
+
+        settings = _settings(params)  # while QC still asks for votes; a settling run publishes labels as they are
+        return refresh(store_from_settings(settings), settings, grow=aggregated.get("push_pairs", 1) > 0)
+
+    @task(**SERVER_RETRIES)
+    @fail_fast
+    def block_workers(aggregated: dict, params=None) -> dict:
+        from crowd.status import block_flagged
+
+        settings = _settings(params)
+        if not settings.crowd.auto_block:
+            return {"auto_block": False, "blocked": []}
+        client, store = _client_and_store(settings)
+        return block_flagged(store, client, settings)
 
     @task(outlets=[TASKS], **SERVER_RETRIES)
     @fail_fast
@@ -100,7 +125,9 @@ def synsetforge_crowd():
 
     pulled = pull_votes()
     aggregated = aggregate(pulled)
-    settled(pulled, aggregated, push_tasks(aggregated))
+    pushed = push_tasks(aggregated)
+    [refresh_gold(aggregated), block_workers(aggregated)] >> pushed  # controls fresh, flagged workers out, then push
+    settled(pulled, aggregated, pushed)
 
 
 synsetforge_crowd()

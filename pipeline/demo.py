@@ -192,7 +192,7 @@ def crowd(store: Any, settings: Any, server: Any, corpus: Corpus, links: pd.Data
     """The crowd DAG (pull -> QC -> push) again and again, simulated annotators working between runs."""
     from crowd.cli import project_ids
     from crowd.client import CrowdClient
-    from crowd.simulate import Profile, flagged_workers, make_annotators, routable, work
+    from crowd.simulate import Profile, controls_of, flagged_workers, make_annotators, routable, work
 
     answer = {(r.image_id, r.wnid): ("yes" if corpus.truth[r.name]["wnid"] == r.wnid else "no")
               for r in links.itertuples()}
@@ -216,7 +216,9 @@ def crowd(store: Any, settings: Any, server: Any, corpus: Corpus, links: pd.Data
             print(f"{line} -> QC is done (settled task: {task_state(run, 'settled')})", flush=True)
             break
         (project,) = project_ids(admin, settings, ["verify"])
-        done = work(routable(annotators, flagged_workers(store), key), project, answer, seed=rnd)
+        # gold controls (the crowd DAG builds them) are answered like any task; their known answer is the truth
+        done = work(routable(annotators, flagged_workers(store), key), project, answer, seed=rnd,
+                    controls=controls_of(store))
         print(f"{line}; annotators answered {sum(done.values())}", flush=True)
         if not pushed.get("pushed") and not sum(done.values()):
             print("  every annotator has judged the pairs QC still asks about; going on with the pending labels")

@@ -75,7 +75,8 @@ from pipeline.schemas import arrow_schema, empty_table, schema_version, validate
 from pipeline.store import KeyExists, LocalStore, Store
 
 # table in the release -> schema it is validated against
-RELEASE_TABLES = {"synsets": "synsets", "images": "release_images", "labels": "release_labels", "boxes": "boxes"}
+RELEASE_TABLES = {"synsets": "synsets", "images": "release_images", "labels": "release_labels", "boxes": "boxes",
+                  "test_images": "release_test_images"}  # test_images: challenge builds only (see the end)
 MANIFEST_VERSION = 2
 
 
@@ -812,7 +813,8 @@ def read_inputs(store: Store) -> Inputs:
 def parent_splits(store: Store, parent: str) -> pd.DataFrame:
     labels = read_release_table(store, parent, "labels")
     primary = labels.filter(labels["is_primary"]).select(["image_id", "split"])
-    return pd.DataFrame({"image_id": _col(primary, "image_id"), "split": _col(primary, "split")})
+    df = pd.DataFrame({"image_id": _col(primary, "image_id"), "split": _col(primary, "split")})
+    return _with_hidden_test(store, parent, df)
 
 
 def _return_freed_memory() -> None:
@@ -962,8 +964,11 @@ def build_release(
     inputs: Inputs | None = None,
     local_roots: Sequence[str] = (),
     force: bool = False,
+    challenge: bool = False,
 ) -> dict[str, Any]:
     """Build release `version` from the store's tables and publish it; return its manifest.
+
+    `challenge`: keep every test label out of the public release (`hide_test_labels` below).
 
     Quotas are counts or fractions in (0, 1) of each class's images. `local_roots`: collect roots that local
     file URLs are written relative to (else as file names). Raises ReleaseExists if the version is already
@@ -981,11 +986,14 @@ def build_release(
     policy = SplitPolicy(val_per_class, test_per_class, salt)
     parent_df = parent_splits(store, parent) if parent else None
     with _Publisher(store, prefix) as pub:
-        a = _build_files(store, pub, policy, parent_df, neardup=neardup, cross_duplicates=cross_duplicates,
+        out = HiddenTestPublisher(pub, store, version) if challenge else pub
+        a = _build_files(store, out, policy, parent_df, neardup=neardup, cross_duplicates=cross_duplicates,
                          inputs=inputs, roots=collect_roots(store, local_roots), force=force,
                          what=f"release {version!r}")
-        files = pub.entries()
-    files = {k: files[k] for k in ("synsets", "images", "labels", "boxes")}
+        files = out.entries()
+    files = {k: files[k] for k in RELEASE_TABLES if k in files}
+    if challenge:
+        a.stats["challenge"] = out.stats
     splits, classes, dropped, kept, stats = a.splits, a.classes, a.neardup_dropped, a.kept_from_parent, a.stats
     created = (created_at or datetime.now(UTC)).astimezone(UTC)
     manifest = {
@@ -1010,3 +1018,116 @@ def build_release(
         raise ReleaseExists(f"release {version!r} was published by another build while this one ran; "
                             "nothing was overwritten") from None
     return manifest
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Challenge builds: hidden test labels (`release build --challenge`, `build_release(..., challenge=True)`).
+#
+# The decision is the same as any build's; only what is published differs. Every test image's labels, boxes and
+# identifying facts (URL, page, title, source) go under private/releases/<version>/ (content-addressed Parquet
+# files and a private manifest, written before the public manifest), which only the challenge server reads and
+# `release publish` never copies. The public release keeps train and val as usual and lists the test images in
+# its `test_images` table, sorted by image_id, with devkit file names and nothing that names a class. The public
+# manifest says where the private manifest is (stats.challenge), so the server can check its sha256.
+
+PRIVATE_PREFIX = "private"
+TEST_IMAGE_COLUMNS = ["image_id", "width", "height", "format", "n_bytes", "storage_key", "creator", "license",
+                      "license_url"]
+
+
+def private_release_prefix(version: str) -> str:
+    """Where a challenge release keeps its test labels: private/releases/<version>."""
+    return f"{PRIVATE_PREFIX}/{release_prefix(version)}"
+
+
+def test_file_stem(version: str, position: int) -> str:
+    """Devkit name of the test image at 1-based `position` (the export's naming)."""
+    return f"{version}_test_{position:08d}"
+
+
+def _put_private(store: Store, key: str, data: bytes) -> dict[str, Any]:
+    if not store.exists(key):  # content-addressed: same key, same bytes (a resumed build)
+        try:
+            store.put(key, data, exclusive=True)
+        except KeyExists:
+            pass
+    return {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "n_bytes": len(data)}
+
+
+class HiddenTestPublisher:
+    """A `_Publisher` in front of which the test split is taken out of labels, boxes and images.
+
+    Labels are put before boxes and images in a staged build, but after them for in-memory inputs: a table
+    that arrives before the labels waits until they have said which images are test images."""
+
+    def __init__(self, pub: _Publisher, store: Store, version: str):
+        self.pub, self.store, self.version = pub, store, version
+        self.test_ids: pa.Array | None = None
+        self._waiting: list[tuple[str, pa.Table, np.ndarray | None, pa.Table | None]] = []
+        self._private: dict[str, pa.Table] = {}
+        self.stats: dict[str, Any] = {}
+
+    def put(self, name: str, table: pa.Table, rows: np.ndarray | None = None, extra: pa.Table | None = None) -> None:
+        if name == "labels":
+            test = _mask(pc.equal(table["split"], "test"))
+            self._private["test_labels"] = table.filter(pa.array(test))
+            self.test_ids = pc.unique(self._private["test_labels"]["image_id"])
+            self.pub.put("labels", table.filter(pa.array(~test)))
+            waiting, self._waiting = self._waiting, []
+            for args in waiting:
+                self.put(*args)
+        elif name in ("boxes", "images") and self.test_ids is None:
+            self._waiting.append((name, table, rows, extra))
+        elif name == "boxes":
+            test = _mask(pc.is_in(table["image_id"], value_set=self.test_ids))
+            self._private["test_boxes"] = table.filter(pa.array(test))
+            self.pub.put("boxes", table.filter(pa.array(~test)))
+        elif name == "images":
+            ids = table["image_id"] if rows is None else table["image_id"].take(pa.array(rows))
+            test = _mask(pc.is_in(ids, value_set=self.test_ids))
+            if rows is None:
+                self._private["test_images"] = table.filter(pa.array(test))
+                self.pub.put("images", table.filter(pa.array(~test)))
+            else:
+                full = _combine(table.take(pa.array(rows[test])), extra.filter(pa.array(test)) if extra else None)
+                self._private["test_images"] = validate("release_images", _fill_nullable("release_images", full))
+                self.pub.put("images", table, rows=rows[~test],
+                             extra=extra.filter(pa.array(~test)) if extra is not None else None)
+        else:
+            self.pub.put(name, table, rows, extra)
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """Put the public test listing, write the private files and their manifest, then wait for the public
+        files (as `_Publisher.entries`)."""
+        if self._waiting or set(self._private) != {"test_labels", "test_boxes", "test_images"}:
+            raise ReleaseError("challenge build: labels, boxes and images must all be put before entries()")
+        images = self._private["test_images"]
+        images = images.take(pc.sort_indices(images, [("image_id", "ascending")]))
+        self._private["test_images"] = images
+        listing = images.select(TEST_IMAGE_COLUMNS)
+        files = pa.array([test_file_stem(self.version, k + 1) for k in range(listing.num_rows)], pa.string())
+        self.pub.put("test_images", listing.add_column(1, "file", files))
+        prefix = private_release_prefix(self.version)
+        entries = {}
+        for name, table in sorted(self._private.items()):
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression="zstd")
+            data = sink.getvalue().to_pybytes()
+            digest = hashlib.sha256(data).hexdigest()
+            entries[name] = {**_put_private(self.store, f"{prefix}/data/{name}-{digest[:16]}.parquet", data),
+                             "rows": table.num_rows}
+        doc = json.dumps({"version": self.version, "files": entries}, indent=1, sort_keys=True).encode()
+        digest = hashlib.sha256(doc).hexdigest()
+        manifest = _put_private(self.store, f"{prefix}/manifest-{digest[:16]}.json", doc)
+        self.stats = {"hidden_test_labels": True, "private_manifest": manifest["key"],
+                      "private_manifest_sha256": manifest["sha256"], "test_images": images.num_rows}
+        return self.pub.entries()
+
+
+def _with_hidden_test(store: Store, version: str, df: pd.DataFrame) -> pd.DataFrame:
+    """Parent splits plus a challenge parent's test images (listed without labels): they stay test images."""
+    manifest = read_manifest(store, version)
+    if "test_images" not in manifest["files"]:
+        return df
+    ids = read_release_table(store, version, "test_images", manifest=manifest).column("image_id").to_pylist()
+    return pd.concat([df, pd.DataFrame({"image_id": ids, "split": ["test"] * len(ids)})], ignore_index=True)

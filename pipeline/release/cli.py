@@ -87,6 +87,7 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
     m = build_release(
         store, args.version, **_split_options(args, settings), config_digest=settings.digest(),
         local_roots=[settings.collect.local_dir] if settings.collect.local_dir else [], force=args.force,
+        challenge=args.challenge,
     )
     print(f"release {m['version']} built in {store.url}: " + ", ".join(f"{k} {v}" for k, v in m["splits"].items())
           + f"; {m['neardup_dropped']} train near-duplicates dropped; QC methods: "
@@ -189,6 +190,9 @@ def register_cli(subparsers: Any) -> None:
     b.add_argument("--dry-run", action="store_true", help="show the plan (as `release plan`) and write nothing")
     b.add_argument("--force", action="store_true",
                    help="build even if a class would have no train or no val image")
+    b.add_argument("--challenge", action="store_true",
+                   help="hide the test labels: test images are listed without labels, their labels and boxes go under "
+                        "private/releases/<version>/ for the challenge server")
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("verify", help="re-hash every file of a release against its manifest")

@@ -66,6 +66,13 @@ def split_order(labels: pa.Table, split: str) -> list[str]:
     return sorted(t.column("image_id").to_pylist())
 
 
+def hidden_test_images(store: Store, version: str, manifest: dict[str, Any]) -> pa.Table | None:
+    """The test listing of a challenge release (`release build --challenge`), or None for other releases."""
+    if "test_images" not in manifest["files"]:
+        return None
+    return read_release_table(store, version, "test_images", manifest=manifest)
+
+
 def devkit_stem(version: str, split: str, position: int, wnid: str | None = None, image_id: str = "") -> str:
     if split == "train":
         return f"{wnid}_{image_id[:16]}"
@@ -154,6 +161,9 @@ def export_devkit(store: Store, version: str, out: str | os.PathLike[str], *, im
     labels = read_release_table(store, version, "labels", manifest=manifest)
     imgs = _frame(read_release_table(store, version, "images", manifest=manifest),
                   ["image_id", "width", "height", "format", "storage_key", *ATTRIBUTION_FIELDS]).set_index("image_id")
+    hidden = hidden_test_images(store, version, manifest)
+    if hidden is not None:  # a challenge release: its test images are listed without labels
+        imgs = pd.concat([imgs, _frame(hidden, list(imgs.reset_index().columns)).set_index("image_id")])
     boxes = _frame(read_release_table(store, version, "boxes", manifest=manifest),
                    ["image_id", "wnid", "x_min", "y_min", "x_max", "y_max"])
     index = class_index(synsets)
@@ -200,7 +210,8 @@ def export_devkit(store: Store, version: str, out: str | os.PathLike[str], *, im
         gt_lines.append(f"{index[prim.loc[image_id, 'wnid']]}\n")
     _write(out / "devkit" / "data" / f"{version}_validation_ground_truth.txt", "".join(gt_lines))
     test_names = []
-    for pos, image_id in enumerate(split_order(labels, "test"), start=1):
+    test_ids = split_order(labels, "test") if hidden is None else hidden.column("image_id").to_pylist()
+    for pos, image_id in enumerate(test_ids, start=1):
         stem = devkit_stem(version, "test", pos)
         emit(image_id, "test", "test", stem, "test")
         test_names.append(stem + "\n")
@@ -261,6 +272,12 @@ def export_parquet(
     names = list(index)
     prim = _frame(labels.filter(labels["is_primary"]), ["image_id", "wnid", "split"])
     imgs = _frame(images, ["image_id", "width", "height", "storage_key", "format", *ATTRIBUTION_FIELDS])
+    hidden = hidden_test_images(store, version, manifest)
+    if hidden is not None:  # a challenge release: test images without labels
+        ids = hidden.column("image_id").to_pylist()
+        prim = pd.concat([prim, pd.DataFrame({"image_id": ids, "wnid": [None] * len(ids), "split": ["test"] * len(ids)})],
+                         ignore_index=True)
+        imgs = pd.concat([imgs, _frame(hidden, list(imgs.columns))], ignore_index=True)
     df = prim.merge(imgs, on="image_id", how="left").sort_values(["split", "image_id"], kind="stable")
     bx = _frame(boxes, ["image_id", "x_min", "y_min", "x_max", "y_max"])
     box_lists = {k: g[["x_min", "y_min", "x_max", "y_max"]].to_dict("records") for k, g in bx.groupby("image_id")}
@@ -268,7 +285,7 @@ def export_parquet(
     written: dict[str, list[str]] = {}
     for split, hf_name in SPLIT_NAMES.items():
         part = df[df.split == split]
-        hide = split == "test" and not test_labels
+        hide = split == "test" and (not test_labels or hidden is not None)
         n_files = max(1, -(-len(part) // rows_per_file))
         written[hf_name] = []
         for f in range(n_files):

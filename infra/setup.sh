@@ -14,7 +14,7 @@ log() { printf '[setup] %s\n' "$*"; }
 stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
 
 # 1. System packages (Debian/Ubuntu). WordNet 3.0 database files and the browser for UI tests.
-DEB_PKGS="wordnet-base wordnet-sense-index chromium chromium-driver"
+DEB_PKGS="wordnet-base wordnet-sense-index chromium chromium-driver postgresql redis-server"
 if command -v apt-get >/dev/null; then
   missing=""
   for p in $DEB_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

@@ -272,3 +272,161 @@ def test_row_selection_writer_slices_and_takes_the_same_rows(tmp_path):
         with pq.ParquetWriter(tmp_path / "x.parquet", table.schema) as w:
             _write_rows(w, table, rows)
         assert pq.read_table(tmp_path / "x.parquet").equals(table.take(pa.array(rows, pa.int64())))
+
+
+# ---------------------------------------------------------------- small datasets (fractions, plan, checks)
+
+
+def test_fractional_quotas_scale_with_each_class(tmp_path):
+    import numpy as np
+
+    from pipeline.release.splits import class_quotas
+
+    store = LocalStore(tmp_path / "s")
+    fx = make_fixture(store, n_classes=3, per_class=12, near_dups_per_class=0, seed=3)
+    labels = store.read_table("labels").to_pandas()  # shrink one class so the classes differ in size
+    small = set(fx.image_ids[fx.wnids[2]][:7])
+    labels.loc[labels.image_id.isin(small) & (labels.wnid == fx.wnids[2]), "status"] = "rejected"
+    store.write_table("labels", labels)
+    m = build_release(store, "v1", val_per_class=0.25, test_per_class=0.2, neardup=False)
+    assert m["split_policy"]["val_per_class"] == 0.25 and m["split_policy"]["test_per_class"] == 0.2
+    sizes = {w: c["train"] + c["val"] + c["test"] for w, c in m["classes"].items()}
+    assert len(set(sizes.values())) > 1
+    for w, c in m["classes"].items():
+        n = sizes[w]
+        assert c["val"] == int(np.floor(0.25 * n + 0.5)) and c["test"] == int(np.floor(0.2 * n + 0.5)), (w, n, c)
+    assert class_quotas(0.5, np.array([1, 2, 3])).tolist() == [1, 1, 2]  # halves round up
+    # the same fractions through assign_splits (the pandas entry point)
+    df = pd.DataFrame({"image_id": [f"i{k}" for k in range(30)], "wnid": ["n00000001"] * 20 + ["n00000002"] * 10})
+    got = assign_splits(df, val_per_class=0.1, test_per_class=0.3, salt="s").groupby(["wnid", "split"]).size()
+    assert (got["n00000001"]["val"], got["n00000001"]["test"], got["n00000002"]["val"]) == (2, 6, 1)
+
+
+def test_quota_settings_accept_counts_and_fractions_only():
+    from pipeline.config import ConfigError, load_settings
+    from pipeline.release.build import SplitPolicy
+    from pipeline.release.cli import quota_arg
+    from pipeline.release.manifest import ReleaseInputError
+
+    s = load_settings(env={"SYNSETFORGE__RELEASE__VAL_PER_CLASS": "0.1", "SYNSETFORGE__RELEASE__TEST_PER_CLASS": "7"})
+    assert (s.release.val_per_class, s.release.test_per_class) == (0.1, 7)
+    assert isinstance(s.release.test_per_class, int)
+    for bad in ("1.5", "-1", "0.0001x"):
+        with pytest.raises(ConfigError, match="val_per_class"):
+            load_settings(env={"SYNSETFORGE__RELEASE__VAL_PER_CLASS": bad})
+    assert (quota_arg("0.2"), quota_arg("3"), quota_arg("4.0")) == (0.2, 3, 4)
+    import argparse
+
+    for bad in ("1.5", "-2", "lots"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            quota_arg(bad)
+    with pytest.raises(ReleaseInputError, match="strictly between 0 and 1"):
+        SplitPolicy(1.5, 1)
+
+
+def test_a_class_without_train_or_val_images_stops_the_build(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.release.manifest import ReleaseTooSmall
+    from pipeline.release.synthetic import fill_schema
+
+    store = LocalStore(tmp_path / "s")
+    fx = make_fixture(store, n_classes=3, per_class=6, near_dups_per_class=0, seed=8)
+    syn = store.read_table("synsets").to_pandas()  # a fourth class in the vocabulary with no image at all
+    extra = fill_schema("synsets", {"wnid": ["n95555555"], "name": ["ghost.n.01"], "lemmas": [["ghost"]],
+                                    "gloss": ["no pictures"], "depth": [5], "parent_wnids": [["n90000000"]],
+                                    "lexname": ["noun.artifact"], "is_leaf": [True], "queries": [["ghost"]]}, 1)
+    store.write_table("synsets", pa.concat_tables([pa.Table.from_pandas(syn, preserve_index=False).cast(extra.schema),
+                                                   extra]))
+    n = {w: len(ids) - 1 - sum(1 for j in range(len(ids)) if j % 7 == 6) for w, ids in fx.image_ids.items()}
+    with pytest.raises(ReleaseTooSmall) as err:  # val + test take every image of the real classes
+        build_release(store, "v1", val_per_class=3, test_per_class=max(n.values()), neardup=False)
+    msg = str(err.value)
+    for k, w in enumerate(fx.wnids):
+        assert f"{w} thing{k}.n.01: 0 train" in msg
+    assert "n95555555 ghost.n.01: 0 train, 0 val, 0 test" in msg
+    assert "vocabulary.exclude" in msg and "release.test_per_class" in msg and "--force" in msg
+    assert {c["wnid"] for c in err.value.classes} == {*fx.wnids, "n95555555"}
+    assert store.list("releases") == []  # refused before anything was written
+    # no val image because the val quota is 0: the message says which setting does it
+    with pytest.raises(ReleaseTooSmall, match="The setting release.val_per_class is 0"):
+        build_release(store, "v1", val_per_class=0, test_per_class=1, neardup=False)
+    # --force builds it and the manifest, report and card say which classes are short
+    m = build_release(store, "v1", val_per_class=1, test_per_class=1, neardup=False, force=True)
+    assert [c["wnid"] for c in m["stats"]["short_classes"]] == ["n95555555"]
+    # the CLI: a message without a traceback (exit 2), then --force
+    args = ["--store", str(store.root), "release", "build", "--version", "v2", "--val-per-class", "1",
+            "--test-per-class", "1", "--no-neardup", "--no-report"]
+    assert main(args) == 2
+    err_text = capsys.readouterr().err
+    assert "n95555555 ghost.n.01" in err_text and "Traceback" not in err_text
+    assert main([*args, "--force"]) == 0
+    assert "--force: 1 classes have no train or no val image: n95555555 ghost.n.01" in capsys.readouterr().out
+
+
+def test_plan_shows_the_split_per_class_and_writes_nothing(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.release.build import plan_from_store
+
+    store = LocalStore(tmp_path / "s")
+    make_fixture(store, n_classes=3, per_class=10, seed=12)
+    before = {k: store.get(k) for k in store.list()}
+    plan = plan_from_store(store, val_per_class=0.2, test_per_class=2, neardup=False)
+    root = str(store.root)
+    assert main(["--store", root, "release", "plan", "--val-per-class", "0.2", "--test-per-class", "2",
+                 "--no-neardup"]) == 0
+    out = capsys.readouterr().out
+    assert main(["--store", root, "release", "build", "--version", "v1", "--dry-run", "--val-per-class", "0.2",
+                 "--test-per-class", "2", "--no-neardup"]) == 0
+    dry = capsys.readouterr().out
+    assert "was not written" in dry
+    assert {k: store.get(k) for k in store.list()} == before  # plan and dry run wrote nothing
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| n9")]
+    printed = {r[0].strip(): (r[1].strip(), *map(int, r[2:6])) for r in rows}
+    m = build_release(store, "v1", val_per_class=0.2, test_per_class=2, neardup=False)
+    assert printed == {w: (f"thing{k}.n.01", c["train"], c["val"], c["test"], c["train"] + c["val"] + c["test"])
+                       for k, (w, c) in enumerate(sorted(m["classes"].items()))}
+    assert plan.splits == m["splits"] and plan.qc_methods == m["qc_methods"] and not plan.short_classes
+    assert dry.split("dry run")[0] == out.split("nothing was written")[0]
+    # a dry run of a build that would be refused says why, and still writes nothing
+    assert main(["--store", root, "release", "build", "--version", "v2", "--dry-run", "--val-per-class", "50",
+                 "--no-neardup"]) == 2
+    assert "without a train or a val image" in capsys.readouterr().err and not store.exists("releases/v2/manifest.json")
+
+
+def test_build_without_a_boxes_table_is_classification_only(tmp_path):
+    from pipeline.release.export import export_devkit, export_parquet
+    from pipeline.release.report import build_report
+
+    store = LocalStore(tmp_path / "s")
+    make_fixture(store, n_classes=2, per_class=6, seed=4, without={"boxes", "box_answers"})
+    assert not store.has_table("boxes")
+    m = build_release(store, "v1", val_per_class=1, test_per_class=1, neardup=False)
+    assert m["files"]["boxes"]["rows"] == 0 and m["stats"]["boxes_table"] is False
+    assert all(c["boxes"] == 0 for c in m["classes"].values()) and sum(m["splits"].values()) > 0
+    keys = build_report(store, "v1", thumbs_per_class=1)
+    assert "classification only" in store.get(keys["report"]).decode()
+    assert "classification-only release" in store.get(keys["card"]).decode()
+    counts = export_devkit(store, "v1", tmp_path / "dk")
+    assert counts["xml"] == 0 and not (tmp_path / "dk" / "bbox").exists() and counts["train"] > 0
+    files = export_parquet(store, "v1", tmp_path / "pq")
+    assert sum(len(pd.read_parquet(tmp_path / "pq" / f)) for fs in files.values() for f in fs) == \
+        sum(m["splits"].values())
+
+
+def test_manifest_records_the_qc_methods_of_the_released_labels(local):
+    from pipeline.release.manifest import validate_manifest
+
+    store, fx = local
+    labels = store.read_table("labels").to_pandas()
+    labels.loc[labels.wnid == fx.wnids[1], "method"] = "dawid_skene"
+    labels.loc[labels.status == "rejected", "method"] = "majority_vote"  # not released: not recorded
+    store.write_table("labels", labels)
+    m = build_release(store, "v1", neardup=False, **Q)
+    assert m["manifest_version"] == 2 and m["qc_methods"] == ["confidence_table", "dawid_skene"]
+    released = read_release_table(store, "v1", "labels").to_pandas()
+    assert sorted(released.method.unique()) == m["qc_methods"]
+    # manifests of the first version (no qc_methods) still read; a second-version one must have them
+    old = {k: v for k, v in m.items() if k != "qc_methods"}
+    validate_manifest({**old, "manifest_version": 1})
+    with pytest.raises(ReleaseError, match="qc_methods"):
+        validate_manifest(old)

@@ -20,20 +20,6 @@ from pipeline.store import LocalStore
 RELEASE_DIR = Path(__file__).resolve().parent.parent / "pipeline" / "release"
 
 
-def fixture_without(store, skip: set[str], **kw):
-    """make_fixture, except that the tables in `skip` are never written (as in a store whose stages never ran)."""
-    real = store.write_table
-
-    def write_table(name, data, *args, **kwargs):
-        return None if name in skip else real(name, data, *args, **kwargs)
-
-    store.write_table = write_table
-    try:
-        return make_fixture(store, **kw)
-    finally:
-        del store.write_table
-
-
 def write_workers(store, gold: list[float | None]) -> None:
     """A QC workers table: estimated accuracy for every worker, gold accuracy as given (None: no gold)."""
     n = len(gold)
@@ -100,7 +86,7 @@ def test_report_sections_numbers_and_card(built):
 
 def test_report_says_no_data_without_crowd_tables(tmp_path):
     store = LocalStore(tmp_path / "store")
-    fixture_without(store, {"votes", "tasks", "box_answers"}, n_classes=3, per_class=8, seed=4)
+    make_fixture(store, n_classes=3, per_class=8, seed=4, without={"votes", "tasks", "box_answers"})
     assert not store.has_table("votes")
     build_release(store, "v1", val_per_class=2, test_per_class=1, neardup=False)
     page = render_html(collect(store, "v1", thumbs_per_class=1))

@@ -468,18 +468,18 @@ def check_splits(classes: pd.DataFrame, policy: SplitPolicy, *, force: bool = Fa
     empty = int((bad.images == 0).sum())
     if empty:
         fixes.append(f"{empty} of them have no accepted image at all: get images of them accepted (collect, verify) "
-                     "or leave them out of the vocabulary (vocabulary.exclude)")
+                     "or leave them out of the vocabulary (vocabulary.exclude).")
     if ((bad.images > 0) & (bad.val == 0) & (bad.val_quota == 0)).any():
-        fixes.append(f"release.val_per_class is {_quota_text(policy.val_per_class)}, which gives these classes no "
-                     "val image: raise it (e.g. 1, or a fraction such as 0.1)")
+        fixes.append(f"The setting release.val_per_class is {_quota_text(policy.val_per_class)}, which gives these "
+                     "classes no val image: raise it (e.g. 1, or a fraction such as 0.1).")
     if ((bad.images > 0) & (bad.train == 0)).any():
-        fixes.append(f"val and test take all their images (release.val_per_class {_quota_text(policy.val_per_class)}"
+        fixes.append(f"Val and test take all their images (release.val_per_class {_quota_text(policy.val_per_class)}"
                      f", release.test_per_class {_quota_text(policy.test_per_class)}): lower them or use fractions "
-                     "(e.g. 0.1 and 0.1), or get more of their images accepted")
+                     "(e.g. 0.1 and 0.1), or get more of their images accepted.")
     raise ReleaseTooSmall(
         f"{what} would leave {len(found)} of {len(classes)} classes without a train or a val image: {listed}. "
-        + ". ".join(f[0].upper() + f[1:] for f in fixes)
-        + ". `synsetforge release plan` shows the counts per class; `release build --force` builds it anyway.",
+        + " ".join(fixes)
+        + " `synsetforge release plan` shows the counts per class; `release build --force` builds it anyway.",
         found)
 
 

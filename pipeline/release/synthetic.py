@@ -15,6 +15,7 @@ and plants edited copies of some images so the train/val leakage filter has some
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -112,8 +113,14 @@ def make_fixture(
     seed: int = 0,
     size: tuple[int, int] = (96, 72),
     n_workers: int = 6,
+    without: Sequence[str] = (),
 ) -> Fixture:
-    """Write a small, complete set of input tables with real image blobs to `store`; return what was planted."""
+    """Write a small, complete set of input tables with real image blobs to `store`; return what was planted.
+    `without`: tables not to write (a store whose boxes loop, say, never ran)."""
+
+    def write(name: str, table: pa.Table) -> None:
+        if name not in without:
+            store.write_table(name, table)
     rng = np.random.default_rng(seed)
     wnids = synthetic_wnids(n_classes)
     synsets = {
@@ -127,7 +134,7 @@ def make_fixture(
         "is_leaf": [True] * n_classes,
         "queries": [[f"thing {i}"] for i in range(n_classes)],
     }
-    store.write_table("synsets", fill_schema("synsets", synsets, n_classes))
+    write("synsets", fill_schema("synsets", synsets, n_classes))
 
     img_rows: list[dict[str, Any]] = []
     cand_rows: list[dict[str, Any]] = []
@@ -190,9 +197,9 @@ def make_fixture(
 
     labels = pd.DataFrame(label_rows)
     images = pd.DataFrame(img_rows)[["image_id", "width", "height"]]
-    store.write_table("images", fill_schema("images", _columns(img_rows), len(img_rows)))
-    store.write_table("candidates", fill_schema("candidates", _columns(cand_rows), len(cand_rows)))
-    store.write_table("labels", fill_schema("labels", _columns(label_rows), len(label_rows)))
+    write("images", fill_schema("images", _columns(img_rows), len(img_rows)))
+    write("candidates", fill_schema("candidates", _columns(cand_rows), len(cand_rows)))
+    write("labels", fill_schema("labels", _columns(label_rows), len(label_rows)))
 
     # boxes on a share of the accepted images, some rejected by quality verification
     accepted = labels[labels.status == "accepted"]
@@ -213,14 +220,14 @@ def make_fixture(
                              "confidence": 0.97 if verified == "accepted" else 0.05})
     names = arrow_schema("boxes").names
     present = {c: v for c, v in _columns(box_rows).items() if c in names}
-    store.write_table("boxes", fill_schema("boxes", present, len(box_rows)))
+    write("boxes", fill_schema("boxes", present, len(box_rows)))
     boxes = pd.DataFrame(box_rows, columns=["box_id", "image_id", "wnid", "x_min", "y_min", "x_max", "y_max"])
 
-    _write_crowd_tables(store, labels, boxes, rng, n_workers)
+    _write_crowd_tables(write, labels, boxes, rng, n_workers)
     return fx
 
 
-def _write_crowd_tables(store: Store, labels: pd.DataFrame, boxes: pd.DataFrame, rng: np.random.Generator,
+def _write_crowd_tables(write: Callable[[str, pa.Table], None], labels: pd.DataFrame, boxes: pd.DataFrame, rng: np.random.Generator,
                         n_workers: int) -> None:
     """votes + tasks for verification, box_answers for boxes: what the report's cost sections read."""
     votes, tasks = [], []
@@ -239,8 +246,8 @@ def _write_crowd_tables(store: Store, labels: pd.DataFrame, boxes: pd.DataFrame,
                           "worker": w, "answer": ans, "is_gold": False,
                           "lead_time_s": float(rng.gamma(2.0, 2.0)), "submitted_at": T0 + timedelta(seconds=ann)})
             ann += 1
-    store.write_table("votes", fill_schema("votes", _columns(votes), len(votes)))
-    store.write_table("tasks", fill_schema("tasks", _columns(tasks), len(tasks)))
+    write("votes", fill_schema("votes", _columns(votes), len(votes)))
+    write("tasks", fill_schema("tasks", _columns(tasks), len(tasks)))
     if "box_answers" not in _known_tables():
         return
     answers = []
@@ -253,7 +260,7 @@ def _write_crowd_tables(store: Store, labels: pd.DataFrame, boxes: pd.DataFrame,
                             "x_max": b.x_max if kind == "draw" else None, "y_max": b.y_max if kind == "draw" else None,
                             "lead_time_s": secs, "submitted_at": T0 + timedelta(seconds=ann)})
             ann += 1
-    store.write_table("box_answers", fill_schema("box_answers", _columns(answers), len(answers)))
+    write("box_answers", fill_schema("box_answers", _columns(answers), len(answers)))
 
 
 def _known_tables() -> list[str]:

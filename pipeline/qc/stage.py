@@ -118,10 +118,14 @@ def without_controls(labels: pd.DataFrame, plan: pd.DataFrame, gold: pd.DataFram
     pushed as a gold task yet, so it is neither a label (nor, then, in a release) nor asked about as a candidate."""
     if not len(gold):
         return labels, plan
-    held = set(task_key(gold["image_id"], gold["wnid"]))
-    keep = [k not in held for k in task_key(labels["image_id"], labels["wnid"])] if len(labels) else []
-    keep_plan = [k not in held for k in task_key(plan["image_id"], plan["wnid"])] if len(plan) else []
-    return labels[keep].reset_index(drop=True), plan[keep_plan].reset_index(drop=True)
+    held = set(task_key(gold["image_id"].astype(str), gold["wnid"].astype(str)))
+
+    def drop(frame: pd.DataFrame) -> pd.DataFrame:
+        if frame.empty:
+            return frame
+        return frame[~task_key(frame["image_id"].astype(str), frame["wnid"].astype(str)).isin(held)].reset_index(drop=True)
+
+    return drop(labels), drop(plan)
 
 
 def run_qc(store: Any, settings: Any, pairs: pd.DataFrame | None = None) -> dict[str, Any]:

@@ -32,7 +32,7 @@ def test_three_simulated_workers_box_a_handful_of_images(labelstudio):  # noqa: 
     first = sync(store, settings, client=admin, policy=policy)
     assert first["pushed"] == len(pairs)
     pushed_rows = store.read_table("box_tasks").to_pandas()
-    store.delete("tables/box_tasks.parquet")
+    store.delete_table("box_tasks")
     again = sync(store, settings, client=admin, policy=policy)
     assert again["pushed"] == 0
     adopted = store.read_table("box_tasks").to_pandas()
@@ -61,10 +61,10 @@ def test_three_simulated_workers_box_a_handful_of_images(labelstudio):  # noqa: 
     print("real-server box run:", out, m)
 
     # rerun: nothing new pulled or pushed, tables unchanged
-    before = {n: store.get(f"tables/{n}.parquet") for n in ("box_tasks", "box_answers", "boxes", "coverage")}
+    before = {n: store.read_table(n) for n in ("box_tasks", "box_answers", "boxes", "coverage")}
     rerun = sync(store, settings, client=admin, policy=policy)
     assert (rerun["pulled"], rerun["pushed"]) == (0, 0)
-    assert {n: store.get(f"tables/{n}.parquet") for n in before} == before
+    assert all(store.read_table(n).equals(before[n]) for n in before)
 
 
 def test_unusable_drawing_is_recorded_with_its_reason_and_redrawn(labelstudio):  # noqa: F811

@@ -25,7 +25,7 @@ def test_vocab_cli_bad_input_is_a_clear_error(tmp_path, capsys):
     rc = main(["--store", str(tmp_path / "s"), "vocab", "--wnid-file", str(bad)])
     err = capsys.readouterr().err
     assert rc == 2 and "line 1: 'n00000001'" in err and "Traceback" not in err
-    assert not open_store(tmp_path / "s").exists("tables/synsets.parquet")
+    assert not open_store(tmp_path / "s").has_table("synsets")
 
 
 def test_console_script_help_explains_options():

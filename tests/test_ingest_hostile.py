@@ -251,7 +251,7 @@ def test_resume_after_a_crash_skips_settled_urls_and_never_duplicates(hostile_se
 
     with pytest.raises(Crash):
         run_ingest(store, settings, on_result=crash_after_7)
-    assert not store.exists("tables/images.parquet")
+    assert not store.has_table("images")
     assert len(store.list("ingest/parts/")) >= 2  # checkpoints survived the crash
     before = len(hostile_server.requests)
     summary = run_ingest(store, settings)

@@ -7,6 +7,7 @@ import os
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from pipeline.schemas import SchemaError
@@ -65,7 +66,7 @@ def test_exclusive_put_never_overwrites(store):
 
 def test_table_roundtrip_keeps_schema_and_values(store):
     key = store.write_table("synsets", synsets_frame())
-    assert key == "tables/synsets.parquet"
+    assert key == "tables/synsets/"
     table = store.read_table("synsets")
     assert table.schema.metadata[b"synsetforge.schema_version"] == b"1"
     assert table.column("lemmas").to_pylist()[2] == ["x2", "y 2"]
@@ -112,7 +113,7 @@ def test_local_crash_mid_write_leaves_old_table_and_no_visible_partial(tmp_path,
         store.write_table("synsets", synsets_frame(5))
     monkeypatch.undo()
     assert store.read_table("synsets").num_rows == 2
-    assert store.list() == ["tables/synsets.parquet"]
+    assert store.table_version("synsets") == 0
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
 
 
@@ -125,3 +126,219 @@ def test_open_store_urls(tmp_path, moto_server):
         open_store("s3:///prefix")
     s3 = open_store("s3://some-bucket/pre", endpoint_url=moto_server)
     assert s3.url == "s3://some-bucket/pre"
+
+
+# -- working tables (Delta) ---------------------------------------------------------------------------------
+def votes_frame(ids, wnid: str = "n00000001") -> pd.DataFrame:
+    ids = list(ids)
+    return pd.DataFrame({
+        "annotation_id": ids, "task_id": [i // 3 for i in ids], "image_id": [f"img{i % 50:04d}" for i in ids],
+        "wnid": [wnid] * len(ids), "worker": [f"w-{i % 7}" for i in ids], "answer": ["yes" if i % 2 else "no" for i in ids],
+        "is_gold": [False] * len(ids), "lead_time_s": [1.5] * len(ids),
+        "submitted_at": pd.to_datetime([1_700_000_000 + i for i in ids], unit="s", utc=True),
+    })
+
+
+def data_files(store, name):
+    return [k for k in store.list(f"tables/{name}/") if k.endswith(".parquet")]
+
+
+def test_append_adds_one_file_and_keeps_rows_in_write_order(store):
+    store.append_table("votes", votes_frame(range(0, 10)))
+    first_files = {k: store.get(k) for k in data_files(store, "votes")}
+    store.append_table("votes", votes_frame(range(20, 25)))
+    store.append_table("votes", votes_frame(range(10, 20)))
+    files = data_files(store, "votes")
+    assert len(files) == 3 and all(store.get(k) == v for k, v in first_files.items())  # old files untouched
+    ids = store.read_table("votes").column("annotation_id").to_pylist()
+    assert ids == [*range(0, 10), *range(20, 25), *range(10, 20)]
+    assert store.table_version("votes") == 2
+    assert [h["operation"] for h in store.table_history("votes")][:1] == ["WRITE"]
+
+
+def test_append_unique_by_drops_known_and_repeated_keys(store):
+    store.append_table("votes", votes_frame(range(0, 10)))
+    added = store.append_table("votes", pd.concat([votes_frame([5, 10, 11]), votes_frame([11, 12])]),
+                               unique_by=["annotation_id", "image_id"])
+    assert added.column("annotation_id").to_pylist() == [10, 11, 12]
+    assert store.append_table("votes", votes_frame([1, 2]), unique_by="annotation_id").num_rows == 0
+    ids = store.read_table("votes").column("annotation_id").to_pylist()
+    assert sorted(ids) == list(range(13)) and len(ids) == 13
+    assert store.table_version("votes") == 1  # the all-known append committed nothing
+
+
+def test_append_is_validated_and_a_bad_batch_writes_nothing(store):
+    store.append_table("votes", votes_frame(range(3)))
+    with pytest.raises(SchemaError, match="missing columns"):
+        store.append_table("votes", votes_frame(range(3, 6)).drop(columns=["answer"]))
+    assert store.read_table("votes").num_rows == 3 and len(data_files(store, "votes")) == 1
+
+
+def test_read_selects_columns_and_filters_rows(store):
+    for i, wnid in enumerate(["n00000001", "n00000002", "n00000003"]):
+        store.append_table("votes", votes_frame(range(i * 10, i * 10 + 10), wnid))
+    only = store.read_table("votes", columns=["wnid", "annotation_id"], filter=[("wnid", "in", {"n00000002", "n00000003"})])
+    assert only.column_names == ["wnid", "annotation_id"] and only.num_rows == 20
+    assert set(only.column("wnid").to_pylist()) == {"n00000002", "n00000003"}
+    expr = store.read_table("votes", filter=pc.field("annotation_id") >= 25)
+    assert expr.column("annotation_id").to_pylist() == list(range(25, 30))
+    assert expr.schema.field("submitted_at").type == pa.timestamp("us", tz="UTC")
+    with pytest.raises(SchemaError, match="no column"):
+        store.read_table("votes", columns=["nope"])
+
+
+def test_filter_skips_files_by_their_statistics(tmp_path):
+    store = LocalStore(tmp_path)
+    store.append_table("votes", votes_frame(range(10), "n00000001"))
+    store.append_table("votes", votes_frame(range(10, 20), "n00000002"))
+    other = [k for k in data_files(store, "votes") if b"n00000002" not in pq_column_bytes(store, k)]
+    assert len(other) == 1
+    store.path(other[0]).write_bytes(b"not parquet")  # a file the filter must never open
+    wanted = store.read_table("votes", filter=[("wnid", "=", "n00000002")])
+    assert wanted.column("annotation_id").to_pylist() == list(range(10, 20))
+    with pytest.raises(Exception):  # noqa: B017 - the unfiltered read does open it
+        store.read_table("votes")
+
+
+def pq_column_bytes(store, key):
+    import pyarrow.parquet as pq
+
+    return "".join(pq.read_table(store.path(key)).column("wnid").to_pylist()).encode()
+
+
+def test_overwrite_after_a_concurrent_append_fails_loudly_and_keeps_both(store):
+    from pipeline.store import TableConflict
+
+    store.append_table("votes", votes_frame(range(5)))
+    reader = open_store(store.url) if isinstance(store, LocalStore) else type(store)(store.bucket, store.prefix, client=store.client)
+    seen = reader.read_table("votes").to_pandas()
+    store.append_table("votes", votes_frame(range(5, 8)))  # another writer, after the read
+    with pytest.raises(TableConflict, match="changed after this step read it"):
+        reader.write_table("votes", pd.concat([seen, votes_frame([100])]))
+    assert sorted(store.read_table("votes").column("annotation_id").to_pylist()) == list(range(8))
+    # compaction changes no rows: a read-modify-write across it goes through
+    again = reader.read_table("votes").to_pandas()
+    store.compact("votes")
+    reader.write_table("votes", pd.concat([again, votes_frame([100])]))
+    assert sorted(store.read_table("votes").column("annotation_id").to_pylist()) == [*range(8), 100]
+
+
+def test_time_travel_and_exclusive_create(store):
+    store.write_table("synsets", synsets_frame(2))
+    store.write_table("synsets", synsets_frame(4))
+    assert store.read_table("synsets").num_rows == 4
+    assert store.read_table("synsets", version=0).num_rows == 2
+    with pytest.raises(MissingKey):
+        store.read_table("synsets", version=7)
+    with pytest.raises(KeyExists):
+        store.write_table("synsets", synsets_frame(1), exclusive=True)
+    assert store.read_table("synsets").num_rows == 4
+
+
+def test_uint64_hashes_survive_delta_bit_for_bit(store):
+    from pipeline.schemas import arrow_schema
+
+    schema = arrow_schema("images")
+    big = [2**64 - 1, 2**63 + 5, 7]
+    columns = {}
+    for f in schema:
+        if f.type == pa.uint64():
+            columns[f.name] = pa.array(big, pa.uint64())
+        else:
+            columns[f.name] = pa.nulls(3, f.type) if f.nullable else pa.array(sample_values(f.type, 3), f.type)
+    store.write_table("images", pa.table(columns))
+    back = store.read_table("images")
+    assert back.column("phash").to_pylist() == big and back.schema.field("phash").type == pa.uint64()
+
+
+def sample_values(t, n):
+    if pa.types.is_string(t):
+        return [f"s{i}" for i in range(n)]
+    if pa.types.is_boolean(t):
+        return [True] * n
+    if pa.types.is_timestamp(t):
+        return [0] * n
+    return list(range(n))
+
+
+def test_legacy_single_object_table_is_read_then_converted(store):
+    from pipeline.store import table_key
+
+    store.write_table("votes", votes_frame(range(4)), key=table_key("votes"))  # a store from before Delta
+    assert store.has_table("votes") and store.working_tables() == ["votes"]
+    assert store.read_table("votes").num_rows == 4
+    store.append_table("votes", votes_frame(range(4, 6)))
+    assert not store.exists(table_key("votes"))
+    assert store.read_table("votes").column("annotation_id").to_pylist() == list(range(6))
+    store.write_table("synsets", synsets_frame(3), key=table_key("synsets"))
+    assert store.migrate() == ["synsets"] and not store.exists(table_key("synsets"))
+    assert store.read_table("synsets").num_rows == 3 and store.table_version("synsets") == 0
+
+
+def test_release_style_keys_stay_plain_parquet(store):
+    import pyarrow.parquet as pq
+
+    key = store.write_table("synsets", synsets_frame(2), key="releases/v1/synsets.parquet", exclusive=True)
+    assert pq.read_table(pa.BufferReader(store.get(key))).num_rows == 2
+    assert store.read_table("synsets", key=key, columns=["wnid"]).column_names == ["wnid"]
+    assert not store.has_table("synsets")
+
+
+def test_compact_merges_files_keeps_order_and_history(store):
+    for start in range(0, 30, 5):
+        store.append_table("votes", votes_frame(range(start, start + 5)))
+    before = store.read_table("votes")
+    out = store.compact("votes")
+    assert out["files_removed"] == 6 and out["files_added"] == 1
+    assert store.read_table("votes").equals(before)
+    assert store.read_table("votes", version=3).num_rows == 20  # history readable until vacuumed
+    assert store.vacuum("votes") == []  # default retention keeps every recent version's files
+    assert store.read_table("votes", version=3).num_rows == 20
+    with pytest.raises(StoreError, match="shorter than"):
+        store.vacuum("votes", retention=__import__("datetime").timedelta(minutes=5))
+    ordered = store.compact("votes", order_by=["wnid", "annotation_id"])
+    assert ordered["rows"] == 30
+
+
+def test_vacuum_removes_old_unreferenced_files_only(tmp_path):
+    import time as _t
+
+    store = LocalStore(tmp_path)
+    store.append_table("votes", votes_frame(range(5)))
+    store.put("tables/votes/part-00000000000000000001-dead-00000.zstd.parquet", b"a killed writer's file")
+    store.put("tables/votes/part-00000000000000000002-live-00000.zstd.parquet", b"a writer about to commit")
+    old = _t.time() - 40 * 86400
+    os.utime(store.path("tables/votes/part-00000000000000000001-dead-00000.zstd.parquet"), (old, old))
+    removed = store.vacuum("votes")
+    assert [r.rsplit("/", 1)[-1] for r in removed] == ["part-00000000000000000001-dead-00000.zstd.parquet"]
+    assert store.exists("tables/votes/part-00000000000000000002-live-00000.zstd.parquet")
+    assert store.read_table("votes").num_rows == 5
+
+
+def test_local_list_walks_only_the_prefix_folder(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path)
+    store.put("a/b/c.txt", b"1")
+    store.put("a/bc.txt", b"2")
+    store.put("z/y.txt", b"3")
+    walked = []
+    real = os.walk
+    monkeypatch.setattr(os, "walk", lambda top, *a, **k: walked.append(str(top)) or real(top, *a, **k))
+    assert store.list("a/b") == ["a/b/c.txt", "a/bc.txt"]
+    assert store.list("a/b/") == ["a/b/c.txt"]
+    assert store.list("nothing/here") == []
+    assert walked == [str(tmp_path / "a"), str(tmp_path / "a" / "b"), str(tmp_path / "nothing")]
+
+
+def test_local_files_are_readable_by_others(tmp_path):
+    store = LocalStore(tmp_path)
+    store.put("releases/v1/x.bin", b"x")
+    store.append_table("votes", votes_frame(range(2)))
+    assert os.stat(store.path("releases/v1/x.bin")).st_mode & 0o777 == 0o644
+    assert all(os.stat(store.path(k)).st_mode & 0o777 == 0o644 for k in data_files(store, "votes"))
+
+
+def test_delete_table_removes_history(store):
+    store.append_table("votes", votes_frame(range(3)))
+    store.delete_table("votes")
+    assert not store.has_table("votes") and store.list("tables/votes/") == []
+    assert store.read_table("votes", missing_ok=True).num_rows == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"pipeline.config", "pipeline.errors", "pipeline.store", "pipeline.schemas", "pipeline.faults",
-        "pipeline.services"}
+        "pipeline.services", "pipeline.store_cli"}
 STAGES = {"pipeline.vocabulary", "pipeline.sources", "pipeline.ingest", "pipeline.qc", "pipeline.boxes",
           "pipeline.release", "pipeline.evaluate"}
 APP = {"pipeline.cli", "pipeline.config_cli", "pipeline.dagtools", "pipeline.demo", "pipeline.demo_corpus", "pipeline.airflow_local", "dags"}

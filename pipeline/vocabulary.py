@@ -317,7 +317,8 @@ def build_edges(synsets: Sequence[Any]) -> pa.Table:
 # ---------------------------------------------------------------- I/O shell
 
 
-def run_vocabulary(settings: Any, store: Any, *, log: Any = print) -> dict[str, Any]:
+def run_vocabulary(settings: Any, store: Any, *, log: Any = print, det: bool = False,
+                   det_groups: str | None = None) -> dict[str, Any]:
     """Select from settings.vocabulary, write `synsets` and `synset_edges` to the store; return a summary."""
     v = settings.vocabulary
     t0 = time.perf_counter()
@@ -331,7 +332,9 @@ def run_vocabulary(settings: Any, store: Any, *, log: Any = print) -> dict[str, 
     synsets_key = store.write_table("synsets", table)
     edges_key = store.write_table("synset_edges", edges)
     depths = table.column("depth").to_pylist()
+    det_summary = run_det_questions(store, groups_file=det_groups, wn=wn) if det or det_groups else None
     return {
+        "det": det_summary,
         "synsets": table.num_rows,
         "leaves": sum(table.column("is_leaf").to_pylist()),
         "edges": edges.num_rows,
@@ -359,6 +362,10 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--exclude", action="append", default=None, metavar="WNID|NAME",
                    help="drop this synset and everything below it (repeatable)")
     p.add_argument("--no-multilingual", action="store_true", help="do not add Open Multilingual Wordnet queries")
+    p.add_argument("--det", action="store_true",
+                   help="the selection is a DET vocabulary: also write its tree of yes/no questions (det_questions)")
+    p.add_argument("--det-groups", metavar="FILE",
+                   help="TOML file of hand-set question groups ([[group]] id, name, question, members, parent)")
     p.set_defaults(func=_cli)
 
 
@@ -375,7 +382,7 @@ def _cli(args: Any, settings: Any) -> int:
         v.multilingual = False
     store = store_from_settings(settings)
     try:
-        summary = run_vocabulary(settings, store)
+        summary = run_vocabulary(settings, store, det=args.det, det_groups=args.det_groups)
     except VocabularyError as exc:
         raise UserError(str(exc)) from None
     print(f"synsets: {summary['synsets']:,} ({summary['leaves']:,} WordNet leaves), "
@@ -383,4 +390,55 @@ def _cli(args: Any, settings: Any) -> int:
           f"{summary['seconds']}s")
     print(f"synsets table: {summary['synsets_table']}")
     print(f"edges table:   {summary['edges_table']}")
+    if summary["det"]:
+        det = summary["det"]
+        print(f"DET questions: {det['classes']} classes under {det['questions']} question nodes "
+              f"({det['top_level']} top-level), depth {det['max_depth']}: {det['table']}")
     return 0
+
+
+def read_det_groups(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Hand-set DET question groups from a TOML file: [[group]] tables with id, name, question, members, parent."""
+    import tomllib
+
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise VocabularyError(f"DET groups file {p}: {exc}") from None
+    groups = data.get("group", [])
+    bad = [i for i, g in enumerate(groups, 1) if not isinstance(g, dict) or not g.get("id") or
+           not isinstance(g.get("members", []), list)]
+    if not isinstance(groups, list) or bad:
+        raise VocabularyError(f"DET groups file {p}: group(s) {bad} need an 'id' and a 'members' list; write "
+                              "[[group]] tables")
+    return groups
+
+
+def run_det_questions(store: Any, *, groups_file: str | None = None, max_share: float = 0.5,
+                      wn: Any = None) -> dict[str, Any]:
+    """The DET question tree of the selected synsets (the `synsets` and `synset_edges` tables) -> det_questions."""
+    from pipeline.presence import build_question_tree
+
+    synsets = store.read_table("synsets").to_pandas()
+    edges = store.read_table("synset_edges").to_pandas()
+    names = {r.wnid: (list(r.lemmas) or [r.wnid])[0] for r in synsets.itertuples()}
+    names.update(_wordnet_names(set(edges["parent_wnid"]) - set(synsets["wnid"]), wn))
+    groups = read_det_groups(groups_file) if groups_file else []
+    table = build_question_tree(synsets["wnid"].tolist(), edges, names, groups=groups, max_share=max_share)
+    key = store.write_table("det_questions", table)
+    return {"classes": int(table["is_class"].sum()), "questions": int((~table["is_class"]).sum()),
+            "top_level": int(table["parent_id"].isna().sum()), "max_depth": int(table["depth"].max()),
+            "table": f"{store.url}/{key}"}
+
+
+def _wordnet_names(wnids: Iterable[str], wn: Any = None) -> dict[str, str]:
+    """First lemma of each ancestor wnid, for the questions ("Is there any kind of dog ...?")."""
+    wn = wn or load_wordnet()
+    out = {}
+    for w in wnids:
+        try:
+            out[w] = _lemmas(synset_of(wn, w))[0]
+        except VocabularyError:
+            out[w] = w
+    return out

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = {"pipeline.config", "pipeline.errors", "pipeline.store", "pipeline.schemas", "pipeline.faults",
         "pipeline.services", "pipeline.store_cli"}
 STAGES = {"pipeline.vocabulary", "pipeline.sources", "pipeline.ingest", "pipeline.qc", "pipeline.boxes",
-          "pipeline.release", "pipeline.evaluate"}
+          "pipeline.release", "pipeline.evaluate", "pipeline.presence"}
 APP = {"pipeline.cli", "pipeline.config_cli", "pipeline.dagtools", "pipeline.demo", "pipeline.demo_corpus", "pipeline.airflow_local", "dags"}
 LAYERS = {"base": 0, "stage": 1, "crowd": 2, "app": 3}
 

@@ -360,7 +360,7 @@ def test_a_class_without_train_or_val_images_stops_the_build(tmp_path, capsys):
     err_text = capsys.readouterr().err
     assert "n95555555 ghost.n.01" in err_text and "Traceback" not in err_text
     assert main([*args, "--force"]) == 0
-    assert "--force: 1 classes have no train or no val image: n95555555 ghost.n.01" in capsys.readouterr().out
+    assert "--force: 1 class without a train or a val image: n95555555 ghost.n.01" in capsys.readouterr().out
 
 
 def test_plan_shows_the_split_per_class_and_writes_nothing(tmp_path, capsys):
@@ -430,3 +430,17 @@ def test_manifest_records_the_qc_methods_of_the_released_labels(local):
     validate_manifest({**old, "manifest_version": 1})
     with pytest.raises(ReleaseError, match="qc_methods"):
         validate_manifest(old)
+
+
+def test_release_images_schema_is_the_images_schema_plus_attribution():
+    """The release's images table is versioned on its own (schemas/release_images.json); it must keep every
+    column of the ingest images table, with the same type, and add the attribution columns."""
+    from pipeline.release.attribution import ATTRIBUTION_COLUMNS
+    from pipeline.schemas import arrow_schema
+
+    images, release = arrow_schema("images"), arrow_schema("release_images")
+    missing = [f.name for f in images if f.name not in release.names]
+    assert not missing, f"add {missing} to schemas/release_images.json (and bump its version)"
+    assert all(release.field(f.name).type == f.type for f in images)
+    assert [n for n in release.names if n not in images.names] == list(ATTRIBUTION_COLUMNS)
+    assert not release.field("image_id").nullable and not release.field("first_url").nullable

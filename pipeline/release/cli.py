@@ -94,7 +94,7 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
           + (", ".join(m["qc_methods"]) or "none"))
     short = m["stats"].get("short_classes") or []
     if short:
-        print(f"--force: {len(short)} classes have no train or no val image: "
+        print(f"--force: {len(short)} class{'es' if len(short) != 1 else ''} without a train or a val image: "
               + ", ".join(f"{r['wnid']} {r['name']}" for r in short[:20]) + (" ..." if len(short) > 20 else ""))
     if not args.no_report:
         keys = build_report_from_settings(store, args.version, settings.release)

@@ -384,7 +384,9 @@ class AdminSite:
         if form.checkboxes["is_active"] == active:
             return False
         boxes = {**form.checkboxes, "is_active": active}
-        data = [*form.fields, *((k, "on") for k, on in boxes.items() if on), ("_save", "Save")]
+        data: dict[str, list[str]] = {}
+        for k, v in [*form.fields, *((k, "on") for k, on in boxes.items() if on), ("_save", "Save")]:
+            data.setdefault(k, []).append(v)
         csrf = dict(form.fields).get("csrfmiddlewaretoken", "")
         s = self._session()
         resp = self.client.call(f"{'unblock' if active else 'block'} account {user_id}", lambda: s.post(

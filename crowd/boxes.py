@@ -136,12 +136,17 @@ def _read(store: Store, name: str) -> pd.DataFrame:
 
 
 def _append(store: Store, name: str, old: pd.DataFrame, new: pd.DataFrame, key: list[str]) -> pd.DataFrame:
+    """Append the rows of `new` whose key is neither in `old` nor already in the table (one commit of the new
+    rows only, atomic against other writers); returns old + the rows appended."""
     if not len(new):
         return old
-    both = pd.concat([old, new], ignore_index=True) if len(old) else new.reset_index(drop=True)
-    both = both.drop_duplicates(subset=key, keep="first")
-    store.write_table(name, both)
-    return both
+    fresh = new.drop_duplicates(subset=key, keep="first")
+    if len(old):
+        fresh = fresh[~pd.MultiIndex.from_frame(fresh[key]).isin(pd.MultiIndex.from_frame(old[key]))]
+    if not len(fresh):
+        return old
+    added = store.append_table(name, fresh, unique_by=key).to_pandas()
+    return pd.concat([old, added], ignore_index=True) if len(old) else added
 
 
 def remote_tasks(client: CrowdClient, projects: Mapping[str, int]) -> dict[str, dict[str, Any]]:

@@ -189,13 +189,12 @@ def pull(store: Store, client: CrowdClient, settings: Any, *, project_ids: list[
     v = pd.concat(new_votes, ignore_index=True) if new_votes else pd.DataFrame(columns=VOTE_COLUMNS)
     q = pd.concat(new_quar, ignore_index=True) if new_quar else pd.DataFrame(columns=QUARANTINE_COLUMNS)
     if len(q):
+        q = store.append_table("quarantine", q.drop_duplicates("annotation_id"), unique_by="annotation_id").to_pandas()
         quarantine = pd.concat([quarantine, q], ignore_index=True) if len(quarantine) else q
-        store.write_table("quarantine", quarantine.drop_duplicates("annotation_id"))
         log.warning("quarantined %d annotation(s): %s", len(q), q["reason"].value_counts().to_dict())
     if len(v):
-        votes = pd.concat([votes, v], ignore_index=True) if len(votes) else v
-        votes = votes.drop_duplicates(["annotation_id", "image_id"])
-        store.write_table("votes", votes)
+        added = store.append_table("votes", v, unique_by=["annotation_id", "image_id"]).to_pandas()
+        votes = pd.concat([votes, added], ignore_index=True) if len(votes) else added
     if len(v) or not store.has_table("worker_gold"):
         cs = settings.crowd
         wg = worker_gold(votes, tasks, min_n=cs.gold_min_n, min_accuracy=cs.gold_min_accuracy)

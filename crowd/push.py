@@ -202,10 +202,18 @@ def _read(store: Store, name: str, columns: list[str]) -> pd.DataFrame:
 
 
 def _append(store: Store, name: str, old: pd.DataFrame, new: pd.DataFrame, key: str | list[str]) -> pd.DataFrame:
-    both = pd.concat([old, new], ignore_index=True) if len(old) else new.reset_index(drop=True)
-    both = both.drop_duplicates(subset=[key] if isinstance(key, str) else key, keep="first")
-    store.write_table(name, both)
-    return both
+    """Append the rows of `new` whose key is neither in `old` (what this run read) nor in the table (what
+    another writer committed since): one commit of the new rows only. Returns old + the rows appended."""
+    keys = [key] if isinstance(key, str) else list(key)
+    fresh = new.drop_duplicates(subset=keys, keep="first")
+    if len(old) and len(fresh):
+        fresh = fresh[~pd.MultiIndex.from_frame(fresh[keys]).isin(pd.MultiIndex.from_frame(old[keys]))]
+    if not len(fresh):
+        if not store.has_table(name):
+            store.write_table(name, fresh)  # the table exists after a push, even an empty one
+        return old
+    added = store.append_table(name, fresh, unique_by=keys).to_pandas()
+    return pd.concat([old, added], ignore_index=True) if len(old) else added
 
 
 def server_tasks(client: CrowdClient, project_id: int, *, expand_items: bool = False) -> pd.DataFrame:

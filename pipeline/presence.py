@@ -208,6 +208,8 @@ class QuestionTree:
     children: list[list[int]] = field(default_factory=list)
     ancestors: list[list[int]] = field(default_factory=list)  # nearest first
     descendants: list[np.ndarray] = field(default_factory=list)
+    anc: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=bool))
+    depth: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
     def from_table(cls, table: Any) -> QuestionTree:
@@ -236,6 +238,12 @@ class QuestionTree:
             for a in chain:
                 desc[a].append(i)
         tree.descendants = [np.array(d, dtype=np.int64) for d in desc]
+        # Dense forms for the per-image arithmetic (a DET vocabulary has a few hundred nodes).
+        n = len(ids)
+        tree.anc = np.zeros((n, n), dtype=bool)  # anc[i, a]: a is an ancestor of i
+        for i, chain in enumerate(tree.ancestors):
+            tree.anc[i, chain] = True
+        tree.depth = tree.anc.sum(axis=1)
         return tree
 
     def __len__(self) -> int:
@@ -342,12 +350,15 @@ class Cooccurrence:
             n_c = self.count[yes_classes]
             cond = (self.pair[rows] + self.strength * base) / (n_c[:, None] + self.strength)
             p = np.maximum(p, cond.max(axis=0))
-        # Given a present parent, a node is that much likelier: P(n | parent) = P(n) / P(parent).
-        for i in np.flatnonzero(state.known == UNKNOWN):
-            for a in self.tree.ancestors[i]:
-                if state.known[a] == YES:
-                    p[i] = min(0.99, max(p[i], base[i] / max(base[a], 1e-9)))
-                    break
+        # Given a present ancestor, a node is that much likelier: P(n | a) = P(n) / P(a), for its nearest present a.
+        tree = self.tree
+        yes = state.known == YES
+        if yes.any():
+            score = tree.anc & yes[None, :]
+            has = score.any(axis=1) & (state.known == UNKNOWN)
+            nearest = np.argmax(np.where(score, tree.depth[None, :] + 1, 0), axis=1)
+            lifted = np.minimum(0.99, base / np.maximum(base[nearest], 1e-9))
+            p = np.where(has, np.maximum(p, lifted), p)
         p[state.known == YES] = 1.0
         p[state.known == NO] = 0.0
         return np.clip(p, 1e-6, 1 - 1e-6)
@@ -373,9 +384,8 @@ def expected_resolved(state: ImageState, p: np.ndarray) -> np.ndarray:
     unknown ancestors (counted when they are classes: never, in a tree whose classes are leaves) and tells the
     most when the node is a class; a "no" settles every unknown class below it."""
     tree = state.tree
-    unknown = state.known == UNKNOWN
-    cls_unknown = unknown & tree.is_class
-    n_below = np.array([int(cls_unknown[d].sum()) + int(cls_unknown[i]) for i, d in enumerate(tree.descendants)])
+    cls_unknown = (state.known == UNKNOWN) & tree.is_class
+    n_below = cls_unknown.astype(np.int64) @ tree.anc + cls_unknown  # unknown classes below each node, and itself
     yes_gain = tree.is_class.astype(float)  # a yes settles a class; for a question node it settles no class yet
     return p * yes_gain + (1 - p) * n_below
 
@@ -387,23 +397,52 @@ def next_question(state: ImageState, model: Cooccurrence, times: QuestionTimes =
     questions its "no" saves (its whole subtree would otherwise have to be asked)."""
     if state.done():
         return None
-    cand = state.askable()
-    cand = cand[[not _settled_below(state, i) for i in cand]]
-    if not len(cand):
-        return None
     p = model.p_present(state)
-    value = expected_resolved(state, p)[cand]
-    return int(cand[int(np.argmax(value / times.question))])
-
-
-def _settled_below(state: ImageState, node: int) -> bool:
-    """A question node whose classes are all known asks nothing."""
+    value = expected_resolved(state, p)
+    # Askable: unknown, and (for a question node) with an unknown class below it.
     tree = state.tree
-    if tree.is_class[node]:
-        return False
-    d = tree.descendants[node]
-    d = d[tree.is_class[d]]
-    return bool((state.known[d] != UNKNOWN).all())
+    cls_unknown = (state.known == UNKNOWN) & tree.is_class
+    open_below = (cls_unknown.astype(np.int64) @ tree.anc) > 0
+    ok = (state.known == UNKNOWN) & (tree.is_class | open_below)
+    if not ok.any():
+        return None
+    return int(np.argmax(np.where(ok, value / times.question, -np.inf)))
+
+
+def decide_presence(p_yes: np.ndarray, n_votes: np.ndarray, model_prior: float, node_prior: np.ndarray | float,
+                    *, accept_at: float = 0.99, miss_factor: float = 100.0, max_votes: int = 10
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Status (accepted / rejected / pending) and votes still wanted per (image, node) pair, from QC's posterior.
+
+    Presence is sparse (a few of hundreds of classes per image), so a posterior threshold alone loses objects: with
+    a 1 % base rate one "no" already pushes P(present) under 0.01, and rejecting there misses the present objects a
+    0.8-accurate worker overlooks first. So the evidence is taken apart from the prior: the Bayes factor
+    BF = odds(p_yes) / odds(model_prior) (`model_prior`: the base rate QC's posterior assumed). A pair is rejected
+    only when its answers are `miss_factor` times likelier for an absent object (BF <= 1 / miss_factor: recall,
+    whatever the base rate), and accepted when the posterior with the node's own base rate (`node_prior`, e.g.
+    from `Cooccurrence`) reaches `accept_at` (precision). Undecided pairs get more votes, up to `max_votes`; then
+    the more probable answer stands.
+
+        >>> decide_presence(np.array([0.9995, 0.0004, 0.03]), np.array([6, 2, 2]), 0.013, 0.013)[0].tolist()
+        ['accepted', 'pending', 'pending']
+    """
+    p = np.clip(np.asarray(p_yes, dtype=float), 1e-12, 1 - 1e-12)
+    n = np.asarray(n_votes)
+
+    def odds(x: Any) -> Any:
+        x = np.clip(np.asarray(x, dtype=float), 1e-9, 1 - 1e-9)
+        return x / (1 - x)
+
+    bf = odds(p) / odds(model_prior)
+    posterior = bf * odds(node_prior)
+    posterior = posterior / (1 + posterior)
+    accepted = posterior >= accept_at
+    rejected = ~accepted & (bf <= 1.0 / miss_factor)
+    capped = ~accepted & ~rejected & (n >= max_votes)
+    status = np.where(accepted | (capped & (posterior >= 0.5)), "accepted",
+                      np.where(rejected | capped, "rejected", "pending")).astype(object)
+    n_more = np.where(status == "pending", np.maximum(1, 2 - n), 0)
+    return status, n_more
 
 
 def flat_cost(n_images: int, n_classes: int, times: QuestionTimes = QuestionTimes()) -> float:

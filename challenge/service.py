@@ -123,6 +123,13 @@ class SubmitResult:
     flags: list[dict[str, Any]] = field(default_factory=list)
 
 
+def upload_key(slug: str, sha256: str) -> str:
+    """Where an upload's bytes are kept: named by the challenge and the bytes' sha256 only."""
+    if not all(c in "0123456789abcdef" for c in sha256) or len(sha256) != 64:
+        raise ValueError("not a sha256")
+    return f"private/challenges/{slug}/submissions/{sha256}"
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -438,6 +445,10 @@ class ChallengeService:
             raise LimitReached(w.kind, w.limit, w.end if w.kind != "phase" else None) from None
         for w in wins:
             w.used += 1
+        if self.store is not None:  # every upload kept, named by its sha256 (no client input in the key)
+            key = upload_key(ch.slug, hashlib.sha256(data).hexdigest())
+            if not self.store.exists(key):
+                self.store.put(key, data)
         self._evals[sub_id] = ev
         self._boards.clear()
         flags = [] if team.is_baseline else self._flag(ch, sub_id, team_id, digest, sig)

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "pipeline.evaluate",
     "pipeline.airflow_local",
     "pipeline.config_cli",
+    "challenge.cli",
     "pipeline.store_cli",
 )
 

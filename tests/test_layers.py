@@ -15,7 +15,8 @@ BASE = {"pipeline.config", "pipeline.errors", "pipeline.store", "pipeline.schema
         "pipeline.services", "pipeline.store_cli"}
 STAGES = {"pipeline.vocabulary", "pipeline.sources", "pipeline.ingest", "pipeline.qc", "pipeline.boxes",
           "pipeline.release", "pipeline.evaluate", "pipeline.presence"}
-APP = {"pipeline.cli", "pipeline.config_cli", "pipeline.dagtools", "pipeline.demo", "pipeline.demo_corpus", "pipeline.airflow_local", "dags"}
+APP = {"pipeline.cli", "pipeline.config_cli", "pipeline.dagtools", "pipeline.demo", "pipeline.demo_corpus", "pipeline.airflow_local", "dags",
+       "challenge"}  # challenge/: the evaluation server, a face over the release and evaluate stages
 LAYERS = {"base": 0, "stage": 1, "crowd": 2, "app": 3}
 
 
@@ -61,14 +62,14 @@ def violations(module: str, source: str) -> list[str]:
         return []
     found = []
     for line, target in imports(source):
-        theirs = layer_of(target) if target.startswith(("pipeline.", "crowd")) else None
+        theirs = layer_of(target) if target.startswith(("pipeline.", "crowd", "challenge")) else None
         if theirs is not None and LAYERS[theirs] > LAYERS[mine]:
             found.append(f"{module}:{line} ({mine}) imports {target} ({theirs})")
     return sorted(set(found))
 
 
 def project_files() -> list[Path]:
-    return sorted(p for d in ("pipeline", "crowd", "dags") for p in (ROOT / d).rglob("*.py"))
+    return sorted(p for d in ("pipeline", "crowd", "dags", "challenge") for p in (ROOT / d).rglob("*.py"))
 
 
 def test_no_module_imports_a_layer_above_its_own():
@@ -83,6 +84,7 @@ def test_the_check_catches_an_upward_import():
     assert any("imports pipeline.cli" in v for v in found) and any("imports crowd.boxes" in v for v in found)
     assert violations("pipeline.demo", source) == []  # the application face may import everything
     assert violations("crowd.push", "from pipeline.dagtools import fail_fast\n") != []
+    assert violations("pipeline.release.build", "from challenge.service import open_service\n") != []
 
 
 def test_every_project_module_has_a_layer():

@@ -23,9 +23,15 @@ _FIELDS = ["val_per_class", "test_per_class", "neardup_check"]
         "version": Param(type="string", minLength=1, maxLength=64, pattern="^[A-Za-z0-9][A-Za-z0-9._-]*$",
                          description="new release version, e.g. 2026.1"),
         "parent": Param(None, type=["null", "string"], description="previous release; its images keep their splits"),
-        "val_per_class": Param(None, type=["null", "integer"], minimum=0),
-        "test_per_class": Param(None, type=["null", "integer"], minimum=0),
+        "val_per_class": Param(None, type=["null", "number"], minimum=0,
+                               description="val images per class: a count, or a fraction in (0, 1) of each class"),
+        "test_per_class": Param(None, type=["null", "number"], minimum=0,
+                                description="test images per class: a count, or a fraction in (0, 1) of each class"),
         "neardup_check": Param(None, type=["null", "boolean"], description="drop train near-duplicates of val/test"),
+        "force": Param(False, type="boolean",
+                       description="build even if a class would have no train or no val image"),
+        "challenge": Param(False, type="boolean",
+                           description="keep the test labels out of the public release (for the challenge server)"),
         "store": store_param(),
     },
     doc_md=__doc__,
@@ -49,7 +55,9 @@ def synsetforge_release():
         rs = settings.release
         build_release(store, version, parent=parent, val_per_class=rs.val_per_class,
                       test_per_class=rs.test_per_class, salt=rs.split_salt, config_digest=settings.digest(),
-                      neardup=rs.neardup_check)
+                      neardup=rs.neardup_check, force=bool(params.get("force")),
+                      challenge=bool(params.get("challenge")),
+                      local_roots=[settings.collect.local_dir] if settings.collect.local_dir else [])
         return version
 
     @task

@@ -31,3 +31,23 @@ def test_release_dag_builds_verifies_and_reports(airflow_db, tmp_path):
     failed = run_dag("synsetforge_release", {**conf, "parent": "other"})
     assert failed.state == "failed"
     assert {(ti.task_id, ti.state, ti.try_number) for ti in failed.get_task_instances()} >= {("build", "failed", 1)}
+
+
+def test_release_dag_takes_fractional_quotas_and_force(airflow_db, tmp_path):
+    from pipeline.release.manifest import list_releases, read_manifest
+    from pipeline.release.synthetic import make_fixture
+    from pipeline.store import open_store
+
+    store = open_store(tmp_path / "store")
+    make_fixture(store, n_classes=2, per_class=8, seed=3)
+    conf = {"version": "f1", "store": str(tmp_path / "store"), "val_per_class": 0.25, "test_per_class": 0.25,
+            "neardup_check": False}
+    assert run_dag("synsetforge_release", conf).state == "success"
+    assert read_manifest(store, "f1")["split_policy"]["val_per_class"] == 0.25
+    # Quotas that leave no train image: refused on the first try, nothing published; --force builds it.
+    tight = {**conf, "version": "f2", "val_per_class": 4, "test_per_class": 4}
+    failed = run_dag("synsetforge_release", tight)
+    assert failed.state == "failed" and "f2" not in list_releases(store)
+    assert {(ti.task_id, ti.try_number) for ti in failed.get_task_instances() if ti.state == "failed"} == {("build", 1)}
+    assert run_dag("synsetforge_release", {**tight, "force": True}).state == "success"
+    assert "f2" in list_releases(store)

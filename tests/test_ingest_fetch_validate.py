@@ -254,24 +254,122 @@ def test_https_certificates_are_verified(tmp_path, monkeypatch):
         server.server_close()
 
 
-def test_draft_validation_rejects_whatever_a_full_decode_rejects():
-    # The clean-JPEG path decodes luminance only, DCT-scaled; every scan is still entropy-decoded, so the verdict
-    # on damaged files must be the one a full decode gives.
-    rng = np.random.default_rng(0)
+def _photo_jpeg(w=400, h=300, seed=0, **save) -> bytes:
+    rng = np.random.default_rng(seed)
     buf = io.BytesIO()
-    Image.fromarray((rng.random((300, 400, 3)) * 255).astype("uint8")).save(buf, "JPEG", quality=90)
-    good = buf.getvalue()
-    mid = len(good) // 2
-    variants = [good, good[: int(len(good) * 0.9)], good[: mid + 7], good[:mid] + b"\xff\xd9",
-                good[:mid] + b"\xff\xd0" * 4 + good[mid:], good[:mid] + b"\x00" * 5000 + good[mid + 5000 :]]
-    for data in variants:
-        try:
-            Image.open(io.BytesIO(data)).load()
-            full_ok = True
-        except OSError:
-            full_ok = False
+    Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(buf, "JPEG", **{"quality": 90, **save})
+    return buf.getvalue()
+
+
+def _scan_start(data: bytes) -> int:
+    sos = data.index(b"\xff\xda")
+    return sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+
+
+def _pil_full_decode_ok(data: bytes) -> bool:
+    try:
+        Image.open(io.BytesIO(data)).load()
+        return True
+    except OSError:
+        return False
+
+
+def test_strict_decode_rejects_damaged_scans_that_a_full_decode_lets_through():
+    # libjpeg only warns about these and Pillow's full decode accepts them; the strict decode turns the warning into
+    # the verdict. Every file a full decode rejects is rejected too.
+    good = _photo_jpeg()
+    mid, scan = len(good) // 2, _scan_start(good)
+    garbage = np.random.default_rng(7).integers(0, 256, len(good) - scan - 2, dtype=np.uint8).tobytes()
+    a0 = 4 + int.from_bytes(good[4:6], "big")  # end of the APP0 segment
+    junk_header = good[:a0] + b"\x00\x00\x00" + good[a0:]  # junk between two header segments: harmless
+    cases = {
+        "good": (good, None),
+        "cut, no EOI": (good[: int(len(good) * 0.9)], "truncated"),
+        "cut mid-byte": (good[: mid + 7], "truncated"),
+        "cut in half + EOI": (good[:mid] + b"\xff\xd9", "corrupt_scan"),
+        "garbage scan + EOI": (good[:scan] + garbage + b"\xff\xd9", "corrupt_scan"),
+        "garbage scan, byte-stuffed + EOI": (good[:scan] + garbage.replace(b"\xff", b"\xfe") + b"\xff\xd9", "corrupt_scan"),
+        "stray restart markers": (good[:mid] + b"\xff\xd0" * 4 + good[mid:], "corrupt_scan"),
+        "5000 bytes zeroed": (good[:mid] + b"\x00" * 5000 + good[mid + 5000 :], "corrupt_scan"),
+        "3 bytes of padding before EOI": (good[:-2] + b"\x00" * 3 + b"\xff\xd9", None),
+        "data after EOI": (good + b"trailer" * 200, None),
+        "junk between header segments": (junk_header, None),
+        "junk header, cut in half + EOI": (junk_header[:mid] + b"\xff\xd9", "corrupt_scan"),
+    }
+    for name, (data, reason) in cases.items():
         v = validate_image(data, ValidateConfig())
-        assert v.ok == full_ok and (full_ok or v.reason == "truncated"), (len(data), v.reason)
+        assert (v.ok, v.reason) == (reason is None, reason), (name, v.reason, v.detail)
+        if not _pil_full_decode_ok(data):
+            assert not v.ok, name
+    assert _pil_full_decode_ok(cases["cut in half + EOI"][0])  # the case this exists for
+    assert _pil_full_decode_ok(cases["garbage scan, byte-stuffed + EOI"][0])
+    # The same check guards the paths that re-encode: a rotated JPEG and a CMYK JPEG with a damaged scan.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for data in (_photo_jpeg(exif=exif.tobytes()), img_bytes("JPEG", "CMYK", size=(200, 150), color=(0, 90, 200, 10))):
+        assert validate_image(data, ValidateConfig()).ok
+        cut = data[: len(data) * 2 // 3] + b"\xff\xd9"
+        assert validate_image(cut, ValidateConfig()).reason == "corrupt_scan"
+
+
+def test_unusual_but_valid_jpegs_are_accepted_byte_for_byte():
+    import cv2
+
+    rng = np.random.default_rng(1)
+    px = np.asarray(Image.fromarray((rng.random((12, 16, 3)) * 255).astype("uint8")).resize((400, 300), Image.BICUBIC))
+    img = Image.fromarray(px)
+
+    def pil(**kw):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90, **kw)
+        return buf.getvalue()
+
+    def opencv(*params):
+        ok, enc = cv2.imencode(".jpg", px[:, :, ::-1], list(params))
+        assert ok
+        return enc.tobytes()
+
+    app = b"\xff\xeb" + (65535).to_bytes(2, "big") + bytes(65533)  # a maximal APP11 segment
+    plain = pil()
+    files = {
+        "progressive": pil(progressive=True),
+        "progressive, optimised tables": opencv(cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_OPTIMIZE, 1),
+        "restart every 3 MCUs": pil(restart_marker_blocks=3),
+        "restart every MCU row": pil(restart_marker_rows=1),
+        "restart interval 2 (OpenCV)": opencv(cv2.IMWRITE_JPEG_RST_INTERVAL, 2),
+        "4:4:4": pil(subsampling=0),
+        "4:2:2": pil(subsampling=1),
+        "4:1:1": opencv(cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411),
+        "4:4:0": opencv(cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440),
+        "200 KB ICC profile (4 APP2 segments)": pil(icc_profile=bytes(rng.integers(0, 256, 200_000, dtype=np.uint8))),
+        "60 KB comment": pil(comment=b"c" * 60_000),
+        "maximal APP11 segment": plain[:2] + app + plain[2:],
+        "grayscale": img_bytes("JPEG", "L", size=(300, 200), color=90),
+    }
+    for name, data in files.items():
+        v = validate_image(data, ValidateConfig())
+        assert v.ok and v.stored is data and not v.reencoded, (name, v.reason, v.detail)
+        assert (v.width, v.height) == Image.open(io.BytesIO(data)).size and v.features["phash"] is not None
+    # A damaged scan in the unusual layouts is still caught.
+    for name in ("progressive", "restart every 3 MCUs", "4:1:1"):
+        data = files[name]
+        assert validate_image(data[: len(data) // 2] + b"\xff\xd9", ValidateConfig()).reason == "corrupt_scan", name
+
+
+def test_strict_decode_gives_the_pixels_of_pillows_draft_decode():
+    # The fingerprint is computed from the strict decode: same DCT scale and pixels as Pillow's draft mode, so
+    # fingerprints of images ingested before the decoder changed still match.
+    from pipeline.ingest.fingerprint import DRAFT_MIN_SIDE, fingerprint
+    from pipeline.ingest.validate import decode_jpeg_strict, draft_scale
+
+    for w, h in ((400, 300), (1100, 700), (2600, 2000), (150, 140), (257, 129)):
+        data = _photo_jpeg(w, h, seed=w)
+        ref = Image.open(io.BytesIO(data))
+        ref.draft("L", (DRAFT_MIN_SIDE, DRAFT_MIN_SIDE))
+        ref.load()
+        got = decode_jpeg_strict(data, "GRAY", w, h, draft_scale(w, h))[:, :, 0]
+        assert got.shape == (ref.height, ref.width) and np.array_equal(got, np.asarray(ref)), (w, h)
+        assert validate_image(data, ValidateConfig(min_side=16)).features == fingerprint(ref)
 
 
 def test_fetch_many_reraises_a_work_error_and_leaves_no_thread_behind(lb):

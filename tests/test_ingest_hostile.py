@@ -43,6 +43,11 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
+def scan_start(data: bytes) -> int:
+    sos = data.index(b"\xff\xda")
+    return sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+
+
 def corpus() -> dict[str, bytes]:
     rot = Image.fromarray(np.tile(np.linspace(0, 255, 80, dtype=np.uint8), (40, 1)), "L").convert("RGB")
     exif = Image.Exif()
@@ -53,7 +58,20 @@ def corpus() -> dict[str, bytes]:
     gray16 = Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
     rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
     good = jpeg(seed=1)
+    photo = jpeg(400, 300, seed=4, quality=92)
+    scan = scan_start(photo)
+    # Random scan bytes without 0xFF (so no stray marker betrays them): every block decodes, nothing is right.
+    garbage = np.random.default_rng(5).integers(0, 255, len(photo) - scan - 2, dtype=np.uint8).tobytes()
+    big_app = b"\xff\xec" + (65535).to_bytes(2, "big") + bytes(65533)  # APP12 at its largest, twice
     return {
+        # libjpeg only warns about these two (Pillow accepts them): garbage scan data closed with EOI, a cut + EOI.
+        "/garbage-scan.jpg": photo[:scan] + garbage + b"\xff\xd9",
+        "/half-eoi.jpg": photo[: len(photo) // 2] + b"\xff\xd9",
+        # Unusual, not broken: kept byte for byte.
+        "/progressive.jpg": jpeg(300, 200, seed=6, progressive=True),
+        "/restart.jpg": jpeg(300, 200, seed=7, restart_marker_blocks=2),
+        "/sampling-444.jpg": jpeg(300, 200, seed=8, subsampling=0),
+        "/big-app.jpg": photo[:2] + big_app * 2 + photo[2:],
         "/ok.jpg": good,
         "/zero.jpg": b"",
         "/truncated.jpg": good[: len(good) // 2],
@@ -71,6 +89,9 @@ def corpus() -> dict[str, bytes]:
 
 
 EXPECTED = {
+    "/garbage-scan.jpg": ("rejected", "corrupt_scan"), "/half-eoi.jpg": ("rejected", "corrupt_scan"),
+    "/progressive.jpg": ("accepted", None), "/restart.jpg": ("accepted", None), "/sampling-444.jpg": ("accepted", None),
+    "/big-app.jpg": ("accepted", None),
     "/ok.jpg": ("accepted", None), "/zero.jpg": ("rejected", "empty"), "/truncated.jpg": ("rejected", "truncated"),
     "/page.jpg": ("rejected", "not_an_image"), "/bomb.png": ("rejected", "bomb"),
     "/logo.svg": ("rejected", "unsupported_format"), "/anim.gif": ("rejected", "animated"),
@@ -169,9 +190,10 @@ def test_hostile_corpus_every_item_settles_with_the_right_reason(hostile_server,
     assert got == EXPECTED
     assert summary["rejected"]["blocked_address"] == 2
     # Clean JPEG stored byte for byte; everything else normalised to RGB JPEG once.
-    ok = images.loc[hostile_server.url + "/ok.jpg"]
-    assert ok.image_id == hashlib.sha256(hostile_server.files["/ok.jpg"]).hexdigest()
-    assert store.get(ok.storage_key) == hostile_server.files["/ok.jpg"]
+    for path in ("/ok.jpg", "/progressive.jpg", "/restart.jpg", "/sampling-444.jpg", "/big-app.jpg"):
+        ok = images.loc[hostile_server.url + path]
+        assert ok.image_id == hashlib.sha256(hostile_server.files[path]).hexdigest()
+        assert store.get(ok.storage_key) == hostile_server.files[path]
     for path, size in (("/cmyk.jpg", (64, 48)), ("/gray16.png", (64, 64)), ("/rotated.jpg", (40, 80)), ("/alpha.png", (64, 64))):
         row = images.loc[hostile_server.url + path]
         data = store.get(row.storage_key)
@@ -187,7 +209,7 @@ def test_hostile_corpus_every_item_settles_with_the_right_reason(hostile_server,
     assert alpha.min() > 240  # transparent pixels composited over white
     rot = np.asarray(Image.open(io.BytesIO(store.get(images.loc[hostile_server.url + "/rotated.jpg"].storage_key))).convert("L"))
     assert rot[0].mean() < rot[-1].mean()  # the left-to-right ramp now runs top to bottom
-    assert images["phash"].notna().sum() == 6 and images.loc[images.status == "accepted", "phash"].notna().all()
+    assert images["phash"].notna().sum() == 10 and images.loc[images.status == "accepted", "phash"].notna().all()
     # The private and metadata hops were refused before any connection.
     assert not any(r.path == "/secret.jpg" for r in hostile_server.requests)
 

@@ -5,9 +5,17 @@ header's claimed size is checked against the pixel budget *before* decoding (Pil
 guard plus our own limit), so a PNG that claims 100000x100000 costs microseconds; the image must decode
 to the end (truncation is caught); min/max side; allowed formats; animated images are rejected unless
 allowed. A *clean* JPEG (RGB or grayscale, no EXIF rotation) is stored byte for byte, validated with a
-draft-mode (DCT-scaled, luminance only) decode that still entropy-decodes every scan; everything else is
-decoded fully, converted to RGB once (CMYK, palette, alpha over white, 16-bit scaled to 8-bit), EXIF
-orientation applied, and re-encoded as JPEG once.
+DCT-scaled luminance decode (the scale Pillow's draft mode picks, so the pixels and fingerprints are the
+same) that still entropy-decodes every scan; everything else is decoded fully, converted to RGB once (CMYK,
+palette, alpha over white, 16-bit scaled to 8-bit), EXIF orientation applied, and re-encoded as JPEG once.
+
+Every JPEG is entropy-decoded by libjpeg-turbo (simplejpeg) in strict mode: libjpeg only *warns* about a
+scan whose data is garbage or that was cut and closed with an EOI marker (and Pillow ignores its warnings),
+so the warning is the verdict: `corrupt_scan` (bad Huffman/arithmetic code, premature end of a data segment,
+a lost restart marker, more than a little data left over before EOI), `truncated` (the file ends inside a
+scan). Warnings about metadata (junk between header segments, an odd JFIF revision, a bad ICC marker) leave
+the file accepted: progressive files, restart intervals, any sampling factors and large APP segments decode
+without a warning.
 
     >>> import io
     >>> from PIL import Image
@@ -23,11 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.ingest.fingerprint import DRAFT_MIN_SIDE, fingerprint
@@ -126,6 +136,111 @@ def _decode_failure(exc: BaseException) -> tuple[str, str]:
     return "decode_error", f"{exc.__class__.__name__}: {msg}"
 
 
+# --- strict JPEG decoding ---------------------------------------------------------------------------------------
+# Extra bytes between the end of the last scan and EOI: a few are padding some encoders write; many mean the decoder
+# finished every block long before the data ran out, i.e. the scan is not what was encoded.
+MAX_EOI_PADDING = 1024
+_EXTRANEOUS = re.compile(r"(\d+) extraneous bytes before marker 0x([0-9a-f]{2})", re.IGNORECASE)
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+class JpegRejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def draft_scale(width: int, height: int, min_side: int = DRAFT_MIN_SIDE) -> int:
+    """The DCT scale (1, 2, 4 or 8) Pillow's ``draft("L", (min_side, min_side))`` picks: the largest that keeps both
+    sides >= min_side.
+
+    >>> draft_scale(400, 350), draft_scale(4000, 3000), draft_scale(200, 90)
+    (2, 8, 1)
+    """
+    q = min(width // min_side, height // min_side)
+    return next((s for s in (8, 4, 2) if q >= s), 1)
+
+
+def _header_segments(data: bytes) -> tuple[bool, bytes | None]:
+    """Walk the marker segments up to the first SOS: (junk found between segments, the file without that junk)."""
+    i, n, junk, parts = 2, len(data), False, [data[:2]]
+    while i + 4 <= n:
+        j = data.find(b"\xff", i)
+        if j < 0:
+            return junk, None
+        if j > i:
+            junk = True
+        while j + 1 < n and data[j + 1] == 0xFF:  # fill bytes
+            j += 1
+        marker = data[j + 1] if j + 1 < n else 0
+        if j + 4 > n:
+            return junk, None
+        length = int.from_bytes(data[j + 2 : j + 4], "big")
+        if marker == 0xDA:  # start of scan: the rest is entropy-coded data
+            parts.append(data[j:])
+            return junk, b"".join(parts)
+        parts.append(data[j : j + 2 + length])
+        i = j + 2 + length
+    return junk, None
+
+
+def _verdict(message: str, n_bytes: int) -> str | None:
+    """What a libjpeg warning (raised in strict mode) says about the file: 'corrupt_scan', 'truncated', or None for
+    a warning about something other than the entropy-coded data."""
+    low = message.lower()
+    if "premature end of jpeg file" in low:
+        return "truncated"
+    if m := _EXTRANEOUS.search(message):
+        count, marker = int(m.group(1)), int(m.group(2), 16)
+        if marker == 0xD9:
+            return "corrupt_scan" if count > min(MAX_EOI_PADDING, n_bytes // 20) else None
+        return "corrupt_scan" if 0xD0 <= marker <= 0xD7 else "header_junk"
+    if "bad icc marker" in low:
+        return None
+    # A marker libjpeg does not know, met while decoding: Pillow refuses those in the header, so it was in a scan.
+    if low.startswith("corrupt jpeg data") or any(w in low for w in ("huffman", "arithmetic", "instead of rst",
+                                                                      "unsupported marker")):
+        return "corrupt_scan"
+    return None
+
+
+def decode_jpeg_strict(data: bytes, colorspace: str, width: int, height: int, scale: int = 1) -> np.ndarray:
+    """Decode a JPEG with libjpeg-turbo at 1/scale, refusing a damaged scan; raises JpegRejected(reason, detail).
+
+    One decode when the file is clean; a second, lenient one only after a warning about metadata.
+    """
+    kw = dict(colorspace=colorspace, min_height=-(-height // scale), min_width=-(-width // scale),
+              fastdct=False, fastupsample=False)
+    try:
+        return simplejpeg.decode_jpeg(data, strict=True, **kw)
+    except ValueError as exc:
+        message = str(exc)
+    verdict = _verdict(message, len(data))
+    if verdict == "header_junk":
+        # Bytes between header segments: harmless, but strict mode stopped there. Decode without them, still strict.
+        junk, cleaned = _header_segments(data)
+        if junk and cleaned is not None:
+            try:
+                return simplejpeg.decode_jpeg(cleaned, strict=True, **kw)
+            except ValueError as exc:
+                message = str(exc)
+                verdict = _verdict(message, len(cleaned))
+                verdict = None if verdict == "header_junk" else verdict
+        else:  # left over after a scan, before the next one: that scan was not decoded as it was encoded
+            verdict = "corrupt_scan"
+    if verdict is not None:
+        raise JpegRejected(verdict, f"libjpeg: {message}")
+    try:
+        return simplejpeg.decode_jpeg(data, strict=False, **kw)
+    except ValueError as exc:  # an error, not a warning: libjpeg gave up
+        low = str(exc).lower()
+        reason = "truncated" if "premature end" in low else "corrupt_scan" if ("marker" in low or "huffman" in low or
+                                                                                "data" in low) else "decode_error"
+        raise JpegRejected(reason, f"libjpeg: {exc}") from None
+
+
 def validate_image(data: bytes, cfg: ValidateConfig) -> Validated:
     """Check and normalise one downloaded body; never raises for bad input (the reason says what was wrong)."""
     if not data:
@@ -157,22 +272,35 @@ def validate_image(data: bytes, cfg: ValidateConfig) -> Validated:
             orientation = img.getexif().get(ORIENTATION_TAG, 1) if fmt in ("jpeg", "tiff", "webp", "png") else 1
         except Exception:  # noqa: BLE001 - a broken EXIF block is not a reason to drop the pixels
             orientation = 1
-        clean = fmt == "jpeg" and img.mode in ("RGB", "L") and orientation in (1, None, 0)
+        upright = orientation in (1, None, 0) or orientation not in _TRANSPOSE
         try:
-            if clean:
-                # DCT-scaled luminance decode: every scan is still entropy-decoded, so truncation shows.
-                img.draft("L", (DRAFT_MIN_SIDE, DRAFT_MIN_SIDE))
-                img.load()
-                return Validated(True, format=fmt, width=w, height=h, stored=data, features=fingerprint(img))
+            if fmt == "jpeg":
+                if img.mode in ("RGB", "L") and upright:
+                    # One DCT-scaled luminance decode serves validation and the fingerprint.
+                    gray = decode_jpeg_strict(data, "GRAY", w, h, draft_scale(w, h))
+                    return Validated(True, format=fmt, width=w, height=h, stored=data,
+                                     features=fingerprint(Image.fromarray(gray[:, :, 0], "L")))
+                if img.mode in ("RGB", "L"):  # rotated: the strict full decode gives the pixels to re-encode
+                    px = decode_jpeg_strict(data, "RGB" if img.mode == "RGB" else "GRAY", w, h)
+                    rgb = Image.fromarray(px if img.mode == "RGB" else px[:, :, 0], img.mode).transpose(
+                        _TRANSPOSE[orientation])
+                    return _reencoded(to_rgb(rgb), fmt, cfg)
+                decode_jpeg_strict(data, "GRAY", w, h, 8)  # CMYK and other modes: check the scans, Pillow converts
             img.load()
-            rgb = ImageOps.exif_transpose(to_rgb(img)) if orientation not in (1, None, 0) else to_rgb(img)
+            rgb = ImageOps.exif_transpose(to_rgb(img)) if not upright else to_rgb(img)
+        except JpegRejected as exc:
+            return Validated(False, exc.reason, exc.detail, **base)
         except Image.DecompressionBombError as exc:
             return Validated(False, "bomb", str(exc), **base)
         except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
             reason, detail = _decode_failure(exc)
             return Validated(False, reason, detail, **base)
-    if orientation not in (1, None, 0) and rgb.getexif():
+    if not upright and rgb.getexif():
         rgb.info.pop("exif", None)
+    return _reencoded(rgb, fmt, cfg)
+
+
+def _reencoded(rgb: Image.Image, fmt: str, cfg: ValidateConfig) -> Validated:
     out = io.BytesIO()
     rgb.save(out, "JPEG", quality=cfg.jpeg_quality, optimize=False)
     return Validated(True, format=fmt, width=rgb.width, height=rgb.height, stored=out.getvalue(), reencoded=True,

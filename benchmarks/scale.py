@@ -77,6 +77,18 @@ def old_read_table(store: LocalStore, name: str) -> pa.Table:
     return validate(name, pq.read_table(io.BytesIO(store.get(table_key(name)))))
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not getrusage: Linux keeps ru_maxrss across exec, so a child started
+    by the generating parent would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 # -- one measured operation per process ------------------------------------------------------------------------
 def child(op: str, root: str, n: int, rep: int) -> None:
     store = LocalStore(root)
@@ -99,7 +111,7 @@ def child(op: str, root: str, n: int, rep: int) -> None:
     elif op == "readall-old":
         rows = old_read_table(store, "votes").num_rows
     seconds = time.perf_counter() - t0
-    out = {"op": op, "seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"op": op, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
     if op.startswith("read"):
         out["rows"] = rows
     print(json.dumps(out))

@@ -64,7 +64,10 @@ def _world():
     return pd.DataFrame(lab), pd.DataFrame(votes), pd.DataFrame(links), images
 
 
-def _build(previous=None, seed=None, rules=GoldRules(positives_per_wnid=2, negatives_per_wnid=3), **world):
+RULES = GoldRules(positives_per_wnid=2, negatives_per_wnid=3)
+
+
+def _build(previous=None, seed=None, rules=RULES, **world):
     labels, votes, links, images = _world()
     args = dict(previous=previous if previous is not None else empty_gold(), seed=seed if seed is not None else empty_gold(),
                 labels=labels, votes=votes, links=links, synsets=_synsets(), edges=_edges(), images=images,
@@ -268,3 +271,107 @@ def test_cli_gold_refresh_and_show(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SYNSETFORGE__CROWD__GOLD_SEED_FILE", str(seed))
     assert main([*env, "crowd", "gold", "--refresh"]) == 2
     assert "n + 8 digits" in capsys.readouterr().err
+
+
+# -- the real loop ---------------------------------------------------------------------------------------------
+def _links(ids, wnids):
+    return pd.DataFrame({"image_id": ids, "wnid": wnids, "url": [f"http://example.org/{i}.jpg" for i in ids],
+                         "source": "test", "rank": range(1, len(ids) + 1), "n_urls": 1, "n_synsets": 1,
+                         "multi_synset": False, "near_duplicate_of": None})
+
+
+@pytest.mark.slow
+def test_crowd_dag_builds_gold_pushes_it_flags_and_blocks_a_spammer_and_keeps_controls_out_of_labels(
+        labelstudio, airflow_db, monkeypatch):
+    """Two batches of candidates through the crowd DAG (dag.test()) with three careful annotators and a yes-sayer:
+    the first batch is judged without gold; when the second arrives, refresh_gold makes known positives and
+    cross-subtree negatives of the first batch's confident labels, push mixes every control in, the annotators
+    answer them, the yes-sayer's gold record flags it and block_workers deactivates its account, and no control
+    is in the labels at the end."""
+    from conftest import run_dag
+    from fixtures_labelstudio import make_images, write_synsets
+
+    from crowd.provision import find_project
+    from crowd.pull import pseudonym
+    from crowd.simulate import Blocked, Profile, controls_of, next_task, work
+
+    ls = labelstudio
+    if not ls.server.password:
+        pytest.skip("external server: its admin password is not known to the tests")
+    store = ls.new_store()
+    images = make_images(store, 24, seed=2468)
+    write_synsets(store)
+    store.write_table("synset_edges", _edges())  # tench under fish, dog under mammal: two subtrees
+    ids = images["image_id"].tolist()
+    wnids = [TENCH if k % 2 else DOG for k in range(24)]
+    truth = {(i, w): ("no" if k % 6 in (0, 1) else "yes") for k, (i, w) in enumerate(zip(ids, wnids, strict=True))}
+    store.write_table("image_links", _links(ids[:12], wnids[:12]))
+    env = {"CROWD__TOKEN": ls.token, "CROWD__PSEUDONYM_KEY": "k", "CROWD__ADMIN_PASSWORD": ls.server.password,
+           "QC__INITIAL_VOTES": "4", "CROWD__GOLD_MIN_CONFIDENCE": "0.99", "CROWD__GOLD_POSITIVES_PER_WNID": "2",
+           "CROWD__GOLD_NEGATIVES_PER_WNID": "3", "CROWD__GOLD_MAX_POSITIVE_SHARE": "0.5", "CROWD__GOLD_MIN_N": "4"}
+    for k, v in env.items():
+        monkeypatch.setenv(f"SYNSETFORGE__{k}", v)
+    prefix = ls.settings(store).crowd.project_prefix
+    conf = {"store": str(store.root), "url": ls.url, "project_prefix": prefix, "files_root": str(ls.files_root),
+            "gold_rate": 0.5, "auto_block": True}
+    careful = ls.annotators([Profile(accuracy=1.0)] * 3)
+    [yes_sayer] = ls.annotators([Profile(yes_bias=1.0)])
+    people = [*careful, yes_sayer]
+    w_yes = pseudonym(yes_sayer.email, b"k")
+
+    def loop(max_rounds=5):
+        states = []
+        for rnd in range(max_rounds):
+            run = run_dag("synsetforge_crowd", conf)
+            states.append({ti.task_id: str(ti.state) for ti in run.get_task_instances()})
+            assert run.state == "success", states[-1]
+            if states[-1]["settled"] == "success":
+                return states
+            pid = find_project(ls.admin(), f"{prefix} verify")["id"]
+            work(people, pid, truth, seed=rnd, controls=controls_of(store))
+        raise AssertionError(f"not settled after {max_rounds} rounds: {states}")
+
+    first = loop()
+    assert store.has_table("gold") and len(store.read_table("gold")) == 0  # nothing confident yet: no controls
+    assert not store.read_table("tasks").to_pandas()["is_gold"].any()
+
+    store.write_table("image_links", _links(ids, wnids))  # the second batch arrives
+    second = loop()
+    assert all(s["refresh_gold"] == "success" and s["block_workers"] == "success" for s in first + second)
+
+    gold = store.read_table("gold").to_pandas()
+    batch1 = set(ids[:12])
+    assert set(gold["image_id"]) <= batch1  # made of the first batch's confident labels
+    assert gold.groupby(["wnid", "answer"]).size().to_dict() == {(DOG, "no"): 3, (DOG, "yes"): 2,
+                                                                 (TENCH, "no"): 3, (TENCH, "yes"): 2}
+    assert all(truth[(i, w)] == a for i, w, a in zip(gold["image_id"], gold["wnid"], gold["answer"], strict=True)
+               if (i, w) in truth)
+    origin = dict(zip(ids, wnids, strict=True))
+    neg = gold[gold["answer"] == "no"]
+    assert all(origin[i] != w and s == f"crowd:{origin[i]}" for i, w, s in zip(neg["image_id"], neg["wnid"],
+                                                                              neg["source"], strict=True))
+    # every control was pushed as a gold task and answered by all four
+    tasks = store.read_table("tasks").to_pandas()
+    votes = store.read_table("votes").to_pandas()
+    gt = tasks[tasks["is_gold"]]
+    assert set(zip(gt["image_id"], gt["wnid"], strict=True)) == set(zip(gold["image_id"], gold["wnid"], strict=True))
+    gv = votes[votes["is_gold"]]
+    assert len(gv) == 4 * len(gt) and gv["worker"].nunique() == 4
+    # the yes-sayer fails the known negatives: flagged by its gold record, and blocked
+    wg = store.read_table("worker_gold").to_pandas().set_index("worker")
+    assert bool(wg.loc[w_yes, "flagged"]) and wg.loc[w_yes, "gold_n"] == 10 and wg.loc[w_yes, "gold_accuracy"] == 0.4
+    assert not wg.drop(index=w_yes)["flagged"].any() and (wg.drop(index=w_yes)["gold_accuracy"] == 1.0).all()
+    pid = find_project(ls.admin(), f"{prefix} verify")["id"]
+    with pytest.raises(Blocked):
+        next_task(yes_sayer.client, pid)
+    assert ls.admin().blocked_user_ids(password=ls.server.password) & {a.user_id for a in people} == {yes_sayer.user_id}
+    # controls never reach the labels, though the known positives are candidates too
+    labels = store.read_table("labels").to_pandas()
+    held = set(zip(gold["image_id"], gold["wnid"], strict=True))
+    links = set(zip(ids, wnids, strict=True))
+    assert len(held & links) == 4
+    in_labels = set(zip(labels["image_id"], labels["wnid"], strict=True))
+    assert not in_labels & held and in_labels == links - held
+    assert {(r.image_id, r.wnid): ("yes" if r.status == "accepted" else "no") for r in labels.itertuples()} == \
+        {p: truth[p] for p in links - held}
+    ls.admin().unblock_user(yes_sayer.user_id, password=ls.server.password)

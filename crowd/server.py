@@ -47,6 +47,7 @@ class LabelStudioServer:
     files_root: Path | None
     service: Service | None = None
     port: int = 0
+    database_url: str | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int | None:
@@ -61,9 +62,21 @@ class LabelStudioServer:
         self.stop()
         fresh = start_labelstudio(
             self.data_dir, port=self.port, token=self.token, username=self.username, password=self.password,
-            files_root=self.files_root, timeout=timeout,
+            files_root=self.files_root, database_url=self.database_url, timeout=timeout,
         )
         self.service = fresh.service
+
+
+def postgres_env(database_url: str) -> dict[str, str]:
+    """Label Studio's variables for a PostgreSQL database (its settings read DJANGO_DB=default and POSTGRE_*)."""
+    from urllib.parse import unquote, urlsplit
+
+    url = urlsplit(database_url)
+    if url.scheme not in ("postgresql", "postgres") or not url.hostname or not url.path.strip("/"):
+        raise ValueError("database_url must be postgresql://user:password@host:port/name")
+    return {"DJANGO_DB": "default", "POSTGRE_NAME": url.path.strip("/"), "POSTGRE_USER": unquote(url.username or ""),
+            "POSTGRE_PASSWORD": unquote(url.password or ""), "POSTGRE_HOST": url.hostname,
+            "POSTGRE_PORT": str(url.port or 5432)}
 
 
 def _health_up(status: int, body: bytes) -> bool:
@@ -79,9 +92,11 @@ def start_labelstudio(
     password: str | None = None,
     files_root: Path | None = None,
     log_path: Path | None = None,
+    database_url: str | None = None,
     timeout: float = 180.0,
 ) -> LabelStudioServer:
-    """Start Label Studio and wait for /health. `files_root` enables local-files serving under that folder."""
+    """Start Label Studio and wait for /health. `files_root` enables local-files serving under that folder.
+    `database_url` (postgresql://user:password@host:port/name) puts its database on PostgreSQL instead of SQLite."""
     exe = labelstudio_binary()
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +118,8 @@ def start_labelstudio(
         "DEBUG": "false",
         "LOG_LEVEL": "WARNING",
     }
+    if database_url is not None:
+        env.update(postgres_env(database_url))
     if files_root is not None:
         files_root = Path(files_root).resolve()
         env["LOCAL_FILES_SERVING_ENABLED"] = "true"

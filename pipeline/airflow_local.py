@@ -99,6 +99,7 @@ class Stack:
     username: str = "admin"
     password: str = field(default="", repr=False)
     services: list[Service] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # what every process of the stack runs with
 
     def token(self) -> str:
         """A JWT for the REST API (`Authorization: Bearer ...`), as the UI gets one at login."""
@@ -137,7 +138,7 @@ def start_stack(home: Path | str, *, env: dict[str, str] | None = None, port: in
     full["AIRFLOW__API__BASE_URL"] = url
     full["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = f"{url}/execution/"
     migrate(full)
-    stack = Stack(home, url, password=password)
+    stack = Stack(home, url, password=password, env=full)
     try:
         stack.services.append(start_service(
             "airflow-api-server", [airflow_bin(), "api-server", "-H", "127.0.0.1", "-p", str(port), "-w", "1"],

@@ -332,7 +332,8 @@ class AdminSite:
         self._s: httpx.Client | None = None
 
     def _get(self, path: str, what: str, **params: Any) -> httpx.Response:
-        return self.client.call(what, lambda: self._session().get(path, params=params or None))
+        s = self._session()
+        return self.client.call(what, lambda: s.get(path, params=params or None))
 
     def _session(self) -> httpx.Client:
         if self._s is not None:

@@ -153,7 +153,10 @@ def confident_pairs(labels: pd.DataFrame, votes: pd.DataFrame, flagged: Iterable
     if labels.empty or votes.empty:
         return pd.DataFrame(columns=out_cols)
     lab = labels[(labels["status"] == "accepted") & (labels["confidence"].fillna(0.0) >= min_confidence)]
-    v = votes[~votes["worker"].astype(str).isin(set(flagged))]
+    if lab.empty:
+        return pd.DataFrame(columns=out_cols)
+    v = votes[["image_id", "wnid", "worker", "answer"]].merge(lab[["image_id", "wnid"]], on=["image_id", "wnid"])
+    v = v[~v["worker"].astype(str).isin(set(flagged))]
     v = v.assign(answer=v["answer"].astype(str).str.strip().str.lower())
     v = v.drop_duplicates(["image_id", "wnid", "worker", "answer"])
     yes = v[v["answer"] == "yes"].groupby(["image_id", "wnid"])["worker"].nunique().rename("n_yes")
@@ -243,7 +246,9 @@ def build_gold(
     new_pos = []
     have = pos.groupby("wnid").size().to_dict()
     accepted = labels.loc[labels["status"] == "accepted", "wnid"].value_counts().to_dict() if len(labels) else {}
-    cand = conf.assign(_o=[_order(i, w) for i, w in zip(conf["image_id"], conf["wnid"], strict=True)])
+    full = {w for w, n in have.items() if n >= rules.positives_per_wnid}
+    cand = conf[~conf["wnid"].isin(full)]
+    cand = cand.assign(_o=[_order(i, w) for i, w in zip(cand["image_id"], cand["wnid"], strict=True)])
     for wnid, grp in cand.sort_values(["wnid", "_o"]).groupby("wnid", sort=True):
         # a known positive leaves the labels: a small synset gives few (max_positive_share of what it has)
         share = int((accepted.get(wnid, 0) + have.get(wnid, 0)) * rules.max_positive_share + 1e-9)
@@ -265,17 +270,21 @@ def build_gold(
     sources = pd.concat(known, ignore_index=True).drop_duplicates()
     sources = sources[sources["wnid"].isin(wnids) & sources["image_id"].isin(stored) & ~sources["image_id"].isin(ambiguous)]
     sources = sources.drop_duplicates("image_id")  # one synset per image (ambiguous ones are gone already)
-    sources = sources.assign(_o=[_order(i) for i in sources["image_id"]]).sort_values("_o").reset_index(drop=True)
+    sources = sources.sort_values("image_id").reset_index(drop=True)  # image ids are sha256 digests: a fixed shuffle
     by_tops: dict[frozenset[str], list[tuple[str, str]]] = {}
     for i, w in zip(sources["image_id"], sources["wnid"], strict=True):
         by_tops.setdefault(tops.get(w, frozenset()), []).append((i, w))
     new_neg = []
     have = neg.groupby("wnid").size().to_dict()
+    pools: dict[frozenset[str], list[tuple[str, str]]] = {}  # one pool per distinct set of tops (a handful)
     for wnid in sorted(wnids):
         room = rules.negatives_per_wnid - have.get(wnid, 0)
         if room <= 0:
             continue
-        pool = [s for t, group in by_tops.items() if t and not (t & tops.get(wnid, frozenset())) for s in group]
+        mine = tops.get(wnid, frozenset())
+        if mine not in pools:
+            pools[mine] = [s for t, group in by_tops.items() if t and not (t & mine) for s in group]
+        pool = pools[mine]
         if not pool:
             continue
         start = int(_order(wnid)[:8], 16) % len(pool)  # each synset starts somewhere else in the pool

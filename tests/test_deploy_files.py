@@ -162,3 +162,65 @@ def test_helm_values_checked_against_a_given_chart():
     older_chart = {**check.CHART_KEYS, "dagProcessor": {"enabled": None, "replicas": None}}
     older_chart.pop("apiServer")
     assert check.unknown_chart_keys(values, older_chart) == ["dagProcessor.logGroomerSidecar", "apiServer"]
+
+
+# The settings the tests' CeleryExecutor stack runs with (pipeline/celery_stack.py, tests/test_airflow_celery.py):
+# check.py holds the compose file and the Helm values to them.
+PROVEN_COMPOSE_BREAKAGES = [
+    ("RESULT_BACKEND: db+postgresql+psycopg2://", "RESULT_BACKEND: db+postgresql://", "is not shaped like the tested"),
+    ("@postgres:5432/airflow\n    AIRFLOW__CELERY__BROKER_URL", "@postgres:5432/results\n    AIRFLOW__CELERY__BROKER_URL",
+     "the result backend must be the metadata database"),
+    ("SQL_ALCHEMY_CONN: postgresql+psycopg2://", "SQL_ALCHEMY_CONN: postgresql://", "is not shaped like the tested"),
+    ("@redis:6379/0", "@redis:6379/1", "is not shaped like the tested"),
+    ("redis://:${REDIS_PASSWORD}@redis", "redis://:${AIRFLOW_DB_PASSWORD}@redis", "requires (--requirepass)"),
+    ("@postgres:5432/airflow\n    AIRFLOW__CELERY__BROKER_URL", "@label-studio-db:5432/airflow\n    AIRFLOW__CELERY__BROKER_URL",
+     "the result backend must be the metadata database"),
+    ("    AIRFLOW__API_AUTH__JWT_SECRET: ${AIRFLOW_JWT_SECRET}\n", "", "AIRFLOW__API_AUTH__JWT_SECRET is not set"),
+    ("AIRFLOW__CELERY__WORKER_CONCURRENCY: ${AIRFLOW_WORKER_CONCURRENCY}\n", "",
+     "AIRFLOW__CELERY__WORKER_CONCURRENCY is not set"),
+    ('command: ["airflow", "celery", "worker"]', 'command: ["airflow", "celery", "worker", "--queues", "other"]',
+     "is not the tested 'airflow celery worker'"),
+    ("      DJANGO_DB: default", "      DJANGO_DB: sqlite", "DJANGO_DB='sqlite'"),
+    ("      POSTGRE_HOST: label-studio-db", "      POSTGRE_HOST: postgres", "has POSTGRES_DB='airflow'"),
+    ("      POSTGRE_PORT: \"5432\"\n", "", "POSTGRE_PORT is not set"),
+]
+
+
+@pytest.mark.parametrize("old,new,expected", PROVEN_COMPOSE_BREAKAGES, ids=[b[2] for b in PROVEN_COMPOSE_BREAKAGES])
+def test_compose_must_say_what_the_celery_stack_proved(deploy_copy, old, new, expected):
+    _edit(deploy_copy / "docker-compose.yml", old, new)
+    problems = check.check_deploy(deploy=deploy_copy)
+    assert any(expected in p for p in problems), problems
+
+
+PROVEN_HELM_BREAKAGES = [
+    ("    protocol: postgresql+psycopg2", "    protocol: postgresql", "not the tested 'postgresql+psycopg2'"),
+    ("  resultBackendConnection: null", "  resultBackendConnection: {protocol: postgresql+psycopg2, db: results}",
+     "differs from the metadata database"),
+    ('  args: ["bash", "-c", "exec airflow celery worker"]', '  args: ["bash", "-c", "exec airflow celery worker -q x"]',
+     "is not the tested 'airflow celery worker'"),
+    ('  args: ["bash", "-c", "exec airflow celery worker"]\n', "", "workers.args is not set"),
+    ("    worker_concurrency: 8\n", "    pool: prefork\n", "config.celery.worker_concurrency is not set"),
+]
+
+
+@pytest.mark.parametrize("old,new,expected", PROVEN_HELM_BREAKAGES, ids=[b[2] for b in PROVEN_HELM_BREAKAGES])
+def test_helm_values_must_say_what_the_celery_stack_proved(deploy_copy, old, new, expected):
+    _edit(deploy_copy / "helm" / "values.yaml", old, new)
+    problems = check.check_deploy(deploy=deploy_copy)
+    assert any(expected in p for p in problems), problems
+
+
+def test_the_proven_settings_are_the_ones_the_test_stack_runs_with():
+    """check.py's patterns come from celery_settings itself: the stack's own values match them, part by part."""
+    from pipeline.celery_stack import celery_settings
+
+    env = celery_settings(db_user="u", db_password="pw", db_host="127.0.0.1", db_port=5432, db_name="airflow",
+                          redis_password="rp", redis_host="127.0.0.1", redis_port=6379, concurrency=2)
+    patterns = check._proven_patterns()
+    assert set(patterns) == set(env)
+    assert patterns["AIRFLOW__CELERY__RESULT_BACKEND"].fullmatch(env["AIRFLOW__CELERY__RESULT_BACKEND"])[
+        "db_name"] == "airflow"
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    worker_env = check._environment(compose["services"]["airflow-worker"])
+    assert {k: patterns[k].fullmatch(worker_env[k]) is not None for k in env} == dict.fromkeys(env, True)

@@ -442,6 +442,153 @@ def helm_problems(values: Mapping[str, Any], *, chart: Mapping[str, Any], airflo
     return problems
 
 
+# ---------------------------------------------------------------------------------------------------- proven settings
+
+_FIELD = r"[^:@/\s]+"
+
+
+def _proven_patterns() -> dict[str, re.Pattern[str]]:
+    """pipeline.celery_stack.celery_settings as regexes: each value the tests' stack runs with, its parts (user,
+    password, host, port, database, ...) left as named groups."""
+    from pipeline.celery_stack import celery_settings
+
+    names = ("db_user", "db_password", "db_host", "db_port", "db_name", "redis_password", "redis_host", "redis_port",
+             "concurrency")
+    marked = celery_settings(**{n: f"\x00{n}\x00" for n in names})
+    out = {}
+    for key, value in marked.items():
+        parts = re.split(r"\x00(\w+)\x00", value)
+        rx = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_FIELD})" for i, p in enumerate(parts))
+        out[key] = re.compile(rx)
+    return out
+
+
+def proven_env_problems(where: str, env: Mapping[str, str], services: Mapping[str, Any]) -> list[str]:
+    """The Airflow containers' variables say what the tests' CeleryExecutor stack proved: the same executor, metadata
+    URL (driver named), result backend on that same database, Redis broker (database 0, with a password), worker
+    concurrency and shared secrets; the hosts are compose services whose own settings match the URLs."""
+    from pipeline.celery_stack import SHARED_SECRETS
+
+    problems, parts = [], {}
+    for key, rx in _proven_patterns().items():
+        if key not in env:
+            problems.append(f"{where}: {key} is not set (the tested stack sets it)")
+            continue
+        m = rx.fullmatch(env[key])
+        if m is None:
+            problems.append(f"{where}: {key}={env[key]!r} is not shaped like the tested stack's {rx.pattern!r}")
+            continue
+        for name, value in m.groupdict().items():
+            if parts.setdefault(name, value) != value:
+                problems.append(f"{where}: {key} says {name}={value!r} but another URL says {parts[name]!r}: the "
+                                "result backend must be the metadata database, as tested")
+    problems += [f"{where}: {k} is not set: every Airflow container needs the same value" for k in SHARED_SECRETS
+                 if k not in env]
+    db = services.get(parts.get("db_host", ""))
+    if "db_host" in parts:
+        if db is None:
+            problems.append(f"{where}: the metadata database host {parts['db_host']!r} is no compose service")
+        else:
+            db_env = _environment(db)
+            for part, var in (("db_user", "POSTGRES_USER"), ("db_password", "POSTGRES_PASSWORD"),
+                              ("db_name", "POSTGRES_DB")):
+                if db_env.get(var) != parts.get(part):
+                    problems.append(f"{where}: {part}={parts.get(part)!r} but service {parts['db_host']} has "
+                                    f"{var}={db_env.get(var)!r}")
+    broker = services.get(parts.get("redis_host", ""))
+    if "redis_host" in parts:
+        cmd = broker.get("command") if broker else None
+        cmd = " ".join(cmd) if isinstance(cmd, list) else str(cmd or "")
+        if broker is None:
+            problems.append(f"{where}: the broker host {parts['redis_host']!r} is no compose service")
+        elif f"--requirepass {parts.get('redis_password')}" not in cmd:
+            problems.append(f"{where}: the broker URL's password is not the one service {parts['redis_host']} "
+                            "requires (--requirepass)")
+    return problems
+
+
+def proven_worker_problems(where: str, command: Any) -> list[str]:
+    """A Celery worker runs WORKER_COMMAND, as the tests' workers do."""
+    from pipeline.celery_stack import WORKER_COMMAND
+
+    words = shlex.split(command) if isinstance(command, str) else [str(c) for c in command or []]
+    if words[:2] == ["bash", "-c"] and len(words) == 3:  # the chart's form: bash -c "exec airflow celery worker"
+        words = shlex.split(words[2])
+        words = words[1:] if words[:1] == ["exec"] else words
+    if words != list(WORKER_COMMAND):
+        return [f"{where}: worker command {' '.join(words)!r} is not the tested {' '.join(WORKER_COMMAND)!r}"]
+    return []
+
+
+def proven_labelstudio_problems(where: str, env: Mapping[str, str], services: Mapping[str, Any]) -> list[str]:
+    """Label Studio on PostgreSQL with the variables crowd/server.py starts it with in the tests."""
+    from crowd.server import postgres_env
+
+    wanted = postgres_env("postgresql://u:p@h:1/n")
+    problems = [f"{where}: {k} is not set (Label Studio on PostgreSQL, as tested)" for k in wanted if k not in env]
+    if env.get("DJANGO_DB") != wanted["DJANGO_DB"]:
+        problems.append(f"{where}: DJANGO_DB={env.get('DJANGO_DB')!r}, not {wanted['DJANGO_DB']!r} (PostgreSQL)")
+    db = services.get(env.get("POSTGRE_HOST", ""))
+    if db is not None:
+        db_env = _environment(db)
+        for var, own in (("POSTGRE_NAME", "POSTGRES_DB"), ("POSTGRE_USER", "POSTGRES_USER"),
+                         ("POSTGRE_PASSWORD", "POSTGRES_PASSWORD")):
+            if env.get(var) != db_env.get(own):
+                problems.append(f"{where}: {var}={env.get(var)!r} but {env.get('POSTGRE_HOST')} has {own}="
+                                f"{db_env.get(own)!r}")
+    elif "POSTGRE_HOST" in env:
+        problems.append(f"{where}: POSTGRE_HOST {env['POSTGRE_HOST']!r} is no compose service")
+    return problems
+
+
+def compose_proven_problems(compose: Mapping[str, Any]) -> list[str]:
+    services = compose.get("services") or {}
+    problems = []
+    for name, svc in services.items():
+        env = _environment(svc)
+        if svc.get("build") or "AIRFLOW__CORE__EXECUTOR" in env:
+            problems += proven_env_problems(f"docker-compose.yml service {name}", env, services)
+        if _is_worker(svc):
+            problems += proven_worker_problems(f"docker-compose.yml service {name}", svc.get("command"))
+        image = str(svc.get("image") or "")
+        if image.split(":")[0].endswith("label-studio"):
+            problems += proven_labelstudio_problems(f"docker-compose.yml service {name}", env, services)
+    return problems
+
+
+def helm_proven_problems(values: Mapping[str, Any]) -> list[str]:
+    """The chart builds the URLs itself: its metadata connection must name the tested driver, the results stay in
+    that database (no other resultBackendConnection) and the workers run the tested command."""
+    from pipeline.celery_stack import METADATA_DRIVER, RESULT_BACKEND_DRIVER
+
+    where = "helm/values.yaml"
+    data = values.get("data") or {}
+    problems = []
+    if not data.get("metadataSecretName"):
+        protocol = (data.get("metadataConnection") or {}).get("protocol")
+        if protocol != METADATA_DRIVER:
+            problems.append(f"{where}: data.metadataConnection.protocol is {protocol!r}, not the tested "
+                            f"{METADATA_DRIVER!r} (the chart's default postgresql:// means psycopg 3 to SQLAlchemy 2.1)")
+    other = data.get("resultBackendConnection")
+    if other and (other.get("protocol") != METADATA_DRIVER or other != data.get("metadataConnection")):
+        problems.append(f"{where}: data.resultBackendConnection differs from the metadata database; the tested stack "
+                        f"keeps Celery's results there ({RESULT_BACKEND_DRIVER})")
+    if data.get("brokerUrl") and not _proven_patterns()["AIRFLOW__CELERY__BROKER_URL"].fullmatch(data["brokerUrl"]):
+        problems.append(f"{where}: data.brokerUrl is not shaped like the tested Redis broker URL")
+    if not data.get("brokerUrl") and not data.get("brokerUrlSecretName") and not (values.get("redis") or {}).get(
+            "enabled", True):
+        problems.append(f"{where}: no broker: enable the chart's Redis or set data.brokerUrl(SecretName)")
+    workers = values.get("workers") or {}
+    if workers.get("command") or workers.get("args"):
+        problems += proven_worker_problems(f"{where} workers", [*(workers.get("command") or []),
+                                                                *(workers.get("args") or [])])
+    else:
+        problems.append(f"{where}: workers.args is not set: name the tested worker command")
+    if "worker_concurrency" not in ((values.get("config") or {}).get("celery") or {}):
+        problems.append(f"{where}: config.celery.worker_concurrency is not set (the tested stack sets it)")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------------- all
 
 def check_deploy(repo: Path = REPO, deploy: Path | None = None, *, chart_values: Mapping[str, Any] | None = None,
@@ -478,8 +625,11 @@ def check_deploy(repo: Path = REPO, deploy: Path | None = None, *, chart_values:
     problems += compose_problems(load_yaml(compose_path), compose_text, env_example, compose_dir=deploy,
                                  airflow_pin=airflow_pin, labelstudio_pin=ls_pin, dags_target=dags_target,
                                  airflow_opts=airflow_opts)
-    problems += helm_problems(load_yaml(deploy / "helm" / "values.yaml"), chart=chart_values or CHART_KEYS,
+    values = load_yaml(deploy / "helm" / "values.yaml")
+    problems += helm_problems(values, chart=chart_values or CHART_KEYS,
                               airflow_pin=airflow_pin, dags_target=dags_target, airflow_opts=airflow_opts)
+    problems += compose_proven_problems(load_yaml(compose_path))
+    problems += helm_proven_problems(values)
     return problems
 
 

@@ -161,35 +161,48 @@ def start_stack(home: Path | str, *, env: dict[str, str] | None = None, port: in
 def register_cli(sub: Any) -> None:
     p = sub.add_parser("airflow", help="run the project's DAGs in a local Airflow (UI on 127.0.0.1)")
     actions = p.add_subparsers(dest="airflow_command", metavar="ACTION", required=True)
-    up = actions.add_parser("up", help="start api-server + scheduler + dag-processor until Ctrl-C")
+    up = actions.add_parser("up", help="start api-server + scheduler + dag-processor (+ Celery workers) until Ctrl-C")
     up.add_argument("--home", default=".airflow", help="AIRFLOW_HOME (metadata DB, logs); default ./.airflow")
     up.add_argument("--port", type=int, default=8080, help="UI / REST API port on 127.0.0.1 (0: a free one)")
+    up.add_argument("--executor", choices=["local", "celery"], default="local",
+                    help="local: LocalExecutor on SQLite (one machine, tasks two at a time); celery: CeleryExecutor "
+                         "with PostgreSQL and Redis started from this machine's binaries, and Celery workers")
+    up.add_argument("--workers", type=int, default=2, help="Celery workers (--executor celery); default 2")
+    up.add_argument("--concurrency", type=int, default=2, help="task slots per Celery worker; default 2")
+    up.add_argument("--data", default=None, help="PostgreSQL and Redis data folder (--executor celery); "
+                                                  "default HOME/celery")
     up.set_defaults(func=_cli_up)
 
 
 def _cli_up(args: Any, settings: Any) -> int:
-    import time
+    from pipeline.celery_stack import describe, run_until_interrupted, start_celery_stack
 
     home = Path(args.home).resolve()
     # Asset-triggered runs get no Params: they read the store from the configuration the stack inherits.
     store = settings.store.url if "://" in settings.store.url else str(Path(settings.store.url).resolve())
     env = {"SYNSETFORGE__STORE__URL": store}
-    print(f"starting Airflow (home {home}) ...", flush=True)
-    stack = start_stack(home, env=env, port=args.port or None)
+    if settings.store.s3_endpoint_url:
+        env["SYNSETFORGE__STORE__S3_ENDPOINT_URL"] = settings.store.s3_endpoint_url
+    celery = args.executor == "celery"
+    print(f"starting Airflow (home {home}, {'CeleryExecutor' if celery else 'LocalExecutor'}) ...", flush=True)
+    if celery:
+        stack = start_celery_stack(home, workers=args.workers, concurrency=args.concurrency, env=env,
+                                   data_dir=Path(args.data).resolve() if args.data else None, port=args.port or None)
+    else:
+        stack = start_stack(home, env=env, port=args.port or None)
     try:
         print(f"Airflow UI:  {stack.url}   user {stack.username}   password {stack.password}")
         print(f"store:       {store}")
-        for s in stack.services:
-            print(f"  {s.name:22s} pid {s.pid}  log {s.log_path}")
+        if celery:
+            print("\n".join(describe(stack)))
+            print(f"Celery:      {len(stack.workers)} workers x {args.concurrency} task slots "
+                  f"({', '.join(stack.worker_names)}: the hostname of each task they run)")
+        else:
+            for s in stack.services:
+                print(f"  {s.name:22s} pid {s.pid}  log {s.log_path}")
         print("DAGs start paused: unpause them in the UI, then trigger synsetforge_vocabulary. Ctrl-C stops all.",
               flush=True)
-        while all(s.process.poll() is None for s in stack.services):
-            time.sleep(1)
-        dead = [s for s in stack.services if s.process.poll() is not None]
-        print(f"{dead[0].name} exited (code {dead[0].process.returncode}); last lines:\n{dead[0].log_tail()}")
-        return 1
-    except KeyboardInterrupt:
-        return 0
+        return run_until_interrupted(stack)
     finally:
         stack.stop()
         print("stopped.")

@@ -31,7 +31,14 @@ MAX_VOTES = 10
 N_CANDIDATES = 40  # distinct workers lined up per task; only a scheme that blocks workers goes past the 10th
 
 
-def make_crowd(n_tasks: int, n_workers: int, a: float, b: float, spam: float, seed: int) -> dict[str, np.ndarray]:
+def make_crowd(n_tasks: int, n_workers: int, a: float, b: float, spam: float, seed: int,
+               adversarial: float = 0.0, activity: float = 0.0) -> dict[str, np.ndarray]:
+    """Truth, the candidate workers of each task and their answers. `spam`: share of workers answering at
+    random; `adversarial`: share (among the others) who flip the answer an honest worker of their accuracy
+    would give. `activity` > 0: workers are drawn in proportion to a Zipf weight rank^-activity (ranks
+    shuffled, independent of accuracy), so a few regulars answer much and most workers answer little, as on
+    a real crowd; 0 = every worker equally often. Both options draw from their own streams, so a crowd
+    without them is the same for a given seed."""
     rng = np.random.default_rng(seed)
     truth = rng.integers(0, 2, n_tasks)
     acc = rng.beta(a, b, n_workers)
@@ -41,11 +48,26 @@ def make_crowd(n_tasks: int, n_workers: int, a: float, b: float, spam: float, se
     off = rng.integers(0, n_workers, n_tasks)[:, None]
     stride = rng.choice(strides, n_tasks)[:, None]
     workers = (off + np.arange(N_CANDIDATES)[None, :] * stride) % n_workers
+    if activity > 0:  # weighted sampling without replacement: the top N_CANDIDATES of log w + Gumbel noise
+        rng_a = np.random.default_rng([seed, 1])
+        logw = -activity * np.log(rng_a.permutation(n_workers) + 1.0)
+        for lo in range(0, n_tasks, 1000):
+            keys = logw[None, :] + rng_a.gumbel(size=(min(1000, n_tasks - lo), n_workers))
+            top = np.argpartition(-keys, N_CANDIDATES - 1, axis=1)[:, :N_CANDIDATES]
+            order = np.argsort(-np.take_along_axis(keys, top, axis=1), axis=1)
+            workers[lo:lo + len(top)] = np.take_along_axis(top, order, axis=1)
     correct = rng.random((n_tasks, N_CANDIDATES)) < acc[workers]
     answers = np.where(correct, truth[:, None], 1 - truth[:, None])
     coin = rng.integers(0, 2, (n_tasks, N_CANDIDATES))
     answers = np.where(spammer[workers], coin, answers)
-    return {"truth": truth, "workers": workers, "answers": answers}
+    if adversarial > 0:
+        rng_b = np.random.default_rng([seed, 2])
+        adversary = ~spammer & (rng_b.random(n_workers) < adversarial / max(1.0 - spam, 1e-9))
+        answers = np.where(adversary[workers], 1 - answers, answers)
+    else:
+        adversary = np.zeros(n_workers, dtype=bool)
+    return {"truth": truth, "workers": workers, "answers": answers, "accuracy": acc, "spammer": spammer,
+            "adversary": adversary}
 
 
 def long_frame(crowd: dict[str, np.ndarray], n: np.ndarray | None = None, used: np.ndarray | None = None) -> pd.DataFrame:
@@ -93,12 +115,21 @@ def imagenet_table(crowd: dict[str, np.ndarray], per_synset: int = 1000, calib_s
 
 
 def ours(crowd: dict[str, np.ndarray], block: bool = False, **kw) -> tuple[float, float, int]:
+    """Rounds of aggregate -> push (see `run_adaptive`): (accuracy, votes per image, rounds)."""
+    model, used, rounds = run_adaptive(crowd, block, **kw)
+    pred = (model.decisions_["p_yes"].reindex(range(len(crowd["truth"]))).to_numpy() > 0.5).astype(int)
+    return float((pred == crowd["truth"]).mean()), float(used.sum(axis=1).mean()), rounds
+
+
+def run_adaptive(crowd: dict[str, np.ndarray], block: bool = False, model: AdaptiveConsensus | None = None,
+                 **kw) -> tuple[AdaptiveConsensus, np.ndarray, int]:
     """Rounds of aggregate -> push: each pending task gets n_more votes from its next candidates; with
-    `block`, candidates the model has flagged so far are skipped (the crowd stage removes them)."""
+    `block`, candidates the model has flagged so far are skipped (the crowd stage removes them).
+    Returns the last fit model, the (task, candidate) mask of votes used and the number of rounds."""
     n_tasks = len(crowd["truth"])
     used = np.zeros((n_tasks, N_CANDIDATES), dtype=bool)
     ptr = np.zeros(n_tasks, dtype=np.int64)  # next candidate position per task
-    model = AdaptiveConsensus(max_votes=MAX_VOTES, **kw)
+    model = model or AdaptiveConsensus(max_votes=MAX_VOTES, **kw)
     rounds = 0
     cols = np.arange(N_CANDIDATES)[None, :]
     while True:
@@ -118,8 +149,7 @@ def ours(crowd: dict[str, np.ndarray], block: bool = False, **kw) -> tuple[float
         ptr = np.where(more > 0, np.maximum(last + 1, ptr), ptr)
         if not take.any():
             break  # every candidate left is blocked
-    pred = (model.decisions_["p_yes"].reindex(range(n_tasks)).to_numpy() > 0.5).astype(int)
-    return float((pred == crowd["truth"]).mean()), float(used.sum(axis=1).mean()), rounds
+    return model, used, rounds
 
 
 def main(argv: list[str] | None = None) -> int:

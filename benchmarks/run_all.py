@@ -20,6 +20,7 @@ PY = sys.executable
 BENCHMARKS = {
     "vocabulary": [PY, "benchmarks/vocabulary_bench.py"],
     "crowd_cost": [PY, "benchmarks/crowd_cost.py", "--accept-at", "0.995", "--block-below", "0.75"],
+    "calibration": [PY, "benchmarks/calibration.py"],
     "qc_speed": [PY, "benchmarks/qc_speed.py", "compare", "--votes", "1000000"],
     "qc_stream": ["/usr/bin/time", "-v", PY, "benchmarks/qc_speed.py", "stream", "--votes", "100000000"],
     "neardup_speed": [PY, "-m", "benchmarks.neardup_speed"],

@@ -1,11 +1,29 @@
 """Adaptive consensus: decide each (image, wnid) from a worker-aware posterior, and ask only for the votes
 still needed.
 
-1. Fit a binary Dawid-Skene model with Beta pseudo-counts on every worker's matrix (a new worker is
-   assumed `prior_accuracy`-accurate until their answers say otherwise), gold tasks pinned to their
-   known answers; build the worker table and flag spammers / adversaries (see `workers.py`).
+1. Fit a binary Dawid-Skene model with Beta pseudo-counts on every worker's matrix (`prior_strength`
+   answers at `prior_accuracy`), gold tasks pinned to their known answers; build the worker table and
+   flag spammers / adversaries (see `workers.py`). The flags depend on this fit only.
 2. Refit on the unflagged workers' votes only: a flagged worker's answers never move a label, so
-   adversaries cannot flip one and coin-flippers cannot dilute one.
+   adversaries cannot flip one and coin-flippers cannot dilute one. With `calibrated` (the default) this
+   posterior is made to mean what it says on crowds whose typical worker is 60-70 % accurate, where a fixed
+   0.8 prior let three or four agreeing votes pass for certainty:
+   - empirical Bayes: every worker is shrunk toward the crowd's own prior (`pipeline.qc.prior`), a Beta on
+     accuracy whose mean and strength come from how often the unflagged workers agree with each other
+     (truth-free moments, not the fit's own estimates, which flatter every worker when tasks have two or
+     three answers); with too little evidence (fewer than `prior_min_workers` workers with two answers on
+     tasks someone else answered, or agreement at about chance level) the fixed `prior_accuracy` /
+     `prior_strength` prior is used instead;
+   - the share of good images is re-estimated by the fit unless it drifts more than an odds ratio of 4
+     from the same moments' estimate (weak votes let EM slide toward "every image is bad"); then it is held
+     at the moments' value;
+   - leave-one-out posterior: each vote on a task is weighed by its worker's matrix estimated without that
+     task, so a worker is never graded on the answer being graded (with few answers per worker, that
+     self-agreement made the plug-in posterior over-confident).
+   `prior_` and `class_prior_note_` record what was used. `calibrated=False` is the rule as it was before
+   (fixed prior, plug-in posterior), kept for comparison (benchmarks/calibration.py). ImageNet's own check,
+   a per-synset confidence table on images with >= 10 votes, is `ConfidenceTable` (QC method
+   "confidence-table"); this rule does not use it.
 3. Stopping rule per task: accept at P(yes) >= accept_at, reject at P(yes) <= reject_at; otherwise ask
    for k more votes, k = the log-odds still missing divided by what one typical worker's vote adds
    (at least 1, at most `max_batch`, never past `max_votes` per task); a task at the cap stays pending
@@ -29,9 +47,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.qc.base import NO, YES, Aggregator, QCInputError, check_long, counts, empty_encoded, encode
-from pipeline.qc.dawid_skene import DawidSkene
+from pipeline.qc.dawid_skene import EPS, DawidSkene
+from pipeline.qc.prior import CrowdPrior, crowd_prior, fixed_prior
 from pipeline.qc.workers import WORKER_COLUMNS, FlagRules, confusion, gold_stats, wilson_upper, worker_table
 
+DRIFT_LOG_ODDS = float(np.log(4.0))  # fitted class share this far (odds ratio 4) from the moments' share: held there
 DECISION_COLUMNS = ["group", "n_votes", "n_yes", "n_used", "p_yes", "status", "n_more", "reason"]
 
 
@@ -47,7 +67,7 @@ class AdaptiveConsensus(Aggregator):
     def __init__(self, accept_at: float = 0.99, reject_at: float = 0.01, max_votes: int = 10, initial_votes: int = 2,
                  max_batch: int | None = None, budget_per_group: int | None = None, prior_accuracy: float = 0.8,
                  prior_strength: float = 4.0, n_iter: int = 100, tol: float = 1e-6, rules: FlagRules | None = None,
-                 class_prior_strength: float = 2.0):
+                 class_prior_strength: float = 2.0, calibrated: bool = True, prior_min_workers: int = 20):
         if not 0.0 < reject_at < 0.5 < accept_at < 1.0:
             raise ValueError("need 0 < reject_at < 0.5 < accept_at < 1")
         if max_votes < 1 or initial_votes < 1:
@@ -59,11 +79,23 @@ class AdaptiveConsensus(Aggregator):
         self.n_iter, self.tol = n_iter, tol
         self.rules = rules or FlagRules()
         self.class_prior_strength = class_prior_strength
+        self.calibrated, self.prior_min_workers = calibrated, prior_min_workers
 
-    def _ds(self) -> DawidSkene:
+    def _ds(self, prior: CrowdPrior | None = None, yes_share: float | None = None) -> DawidSkene:
         return DawidSkene(n_iter=self.n_iter, tol=self.tol, prior_strength=self.prior_strength,
                           prior_accuracy=self.prior_accuracy, labels=(NO, YES),
-                          class_prior_strength=self.class_prior_strength)
+                          class_prior_strength=self.class_prior_strength,
+                          prior_matrix=None if prior is None or prior.source != "crowd" else prior.matrix(2),
+                          class_prior=None if yes_share is None else (1.0 - yes_share, yes_share))
+
+    def _prior(self, data: pd.DataFrame) -> CrowdPrior:
+        if not self.calibrated:
+            return fixed_prior(self.prior_accuracy, self.prior_strength, "calibrated is off")
+        if not len(data):
+            return fixed_prior(self.prior_accuracy, self.prior_strength, "no answers yet")
+        enc = encode(data, (NO, YES))
+        return crowd_prior(enc.task, enc.worker, enc.label, self.prior_accuracy, self.prior_strength,
+                           min_workers=self.prior_min_workers)
 
     def fit(self, data: pd.DataFrame, true_labels: pd.Series | None = None, tasks: Iterable[Any] | None = None,
             groups: pd.Series | None = None) -> AdaptiveConsensus:
@@ -94,10 +126,25 @@ class AdaptiveConsensus(Aggregator):
         dropped = set(wt.loc[~wt["votes_used"], "worker"])
         keep = ~data["worker"].astype(str).isin(dropped).to_numpy() if len(data) else np.zeros(0, dtype=bool)
 
-        # 2. posterior from unflagged workers only
-        ds = self._ds().fit(data[keep], true_labels=gold if len(gold) else None)
+        # 2. posterior from unflagged workers only; calibrated: each shrunk toward the crowd's prior, the class
+        # share held when the fit drifts off it, and every vote weighed by its worker's record on other tasks
+        prior = self._prior(data[keep])
+        fit_gold = gold if len(gold) else None
+        ds = self._ds(prior).fit(data[keep], true_labels=fit_gold)
+        self.class_prior_note_ = "fitted"
+        if prior.source == "crowd" and keep.any():
+            fitted = float(ds.priors_array_[1])
+            if abs(float(_logit(fitted)) - float(_logit(prior.yes_share))) > DRIFT_LOG_ODDS:
+                # weak votes leave the class share nearly unconstrained, and EM can slide to "every image is
+                # bad" (each worker's yes-rate then fits one column of their matrix): hold it at the moments
+                ds = self._ds(prior, prior.yes_share).fit(data[keep], true_labels=fit_gold)
+                self.class_prior_note_ = (f"held at the crowd's estimate {prior.yes_share:.3f} (the fit drifted "
+                                          f"to {fitted:.3f})")
         prior_yes = float(ds.priors_array_[1]) if keep.any() else 0.5
-        p_kept = pd.Series(ds.probas_array_[:, 1] if keep.any() else [], index=ds.encoded_.tasks, dtype=float)
+        p_fit = ds.probas_array_[:, 1] if keep.any() else np.zeros(0)
+        if keep.any() and self.calibrated:
+            p_fit = leave_one_out_posterior(ds, prior.matrix(2))
+        p_kept = pd.Series(p_fit, index=ds.encoded_.tasks, dtype=float)
         skills_kept = ds.skills_ if keep.any() else pd.Series(dtype=float)
         used_votes = keep.astype(np.float64)
 
@@ -141,11 +188,12 @@ class AdaptiveConsensus(Aggregator):
                             "status": status, "n_more": n_more, "reason": reason}, index=all_tasks,
                            columns=DECISION_COLUMNS)
         if self.budget_per_group is not None:
-            dec = self._apply_budget(dec)
+            dec = apply_budget(dec, self.budget_per_group)
         self.decisions_ = dec
         self.workers_ = wt[WORKER_COLUMNS]
         self.blocked_ = pd.Index(wt.loc[wt["flagged"], "worker"], name="worker")
         self.vote_step_ = step
+        self.prior_ = prior
         self.precision_ = group_precision(dec)
 
         probas = np.column_stack([1 - p_yes, p_yes]) if len(p_yes) else np.zeros((0, 2))
@@ -155,24 +203,50 @@ class AdaptiveConsensus(Aggregator):
                                  name="skill")
         return self
 
-    def _apply_budget(self, dec: pd.DataFrame) -> pd.DataFrame:
-        """Within each group, give the remaining budget to the pending tasks closest to a decision."""
-        dec = dec.copy()
-        spent = dec.groupby("group", sort=False)["n_votes"].transform("sum")
-        order = dec.assign(_k=dec["n_more"], _t=dec.index.astype(str)).sort_values(["group", "_k", "_t"])
-        cum = order.groupby("group", sort=False)["n_more"].cumsum()
-        over = cum > (self.budget_per_group - spent.reindex(order.index))
-        cut = order.index[over & (order["n_more"] > 0)]
-        dec.loc[cut, "n_more"] = 0
-        dec.loc[cut, "reason"] = "budget"
-        return dec
-
     def push_plan(self) -> pd.DataFrame:
         """Rows (task, n_more, reason, n_votes, p_yes) for tasks that need more votes."""
         d = self.decisions_
         plan = d[d["n_more"] > 0]
         return pd.DataFrame({"task": plan.index, "n_more": plan["n_more"].to_numpy(), "reason": plan["reason"].to_numpy(),
                              "n_votes": plan["n_votes"].to_numpy(), "p_yes": plan["p_yes"].to_numpy()})
+
+
+def leave_one_out_posterior(ds: DawidSkene, pseudo: np.ndarray) -> np.ndarray:
+    """P(yes) per task of a fitted binary Dawid-Skene model, each vote weighed by its worker's matrix estimated
+    without that task (the fit's soft counts minus the task's own share), so a worker is never graded on the
+    answer being graded. Gold tasks keep their pinned answers."""
+    enc = ds.encoded_
+    p = ds.probas_array_
+    k = 2
+    num = np.zeros((enc.n_workers * k, k))
+    wl = enc.worker * k + enc.label
+    for c in range(k):
+        num[:, c] = np.bincount(wl, weights=p[enc.task, c], minlength=enc.n_workers * k)
+    num = num.reshape(enc.n_workers, k, k)  # [worker, observed, true]
+    col = num.sum(axis=1) + pseudo.sum(axis=0)[None, :]  # [worker, true]
+    pt = p[enc.task]  # [vote, true]
+    cell = num[enc.worker, enc.label, :] - pt + pseudo[enc.label, :]
+    err = np.clip(cell, EPS, None) / np.clip(col[enc.worker] - pt, EPS, None)
+    diff = np.log(err[:, 1]) - np.log(err[:, 0])
+    pri = np.clip(ds.priors_array_, EPS, None)
+    lo = np.log(pri[1]) - np.log(pri[0]) + np.bincount(enc.task, weights=diff, minlength=enc.n_tasks)
+    out = 1.0 / (1.0 + np.exp(-lo))
+    pinned = (p[:, 1] == 0.0) | (p[:, 1] == 1.0)
+    return np.where(pinned, p[:, 1], out)
+
+
+def apply_budget(dec: pd.DataFrame, budget: int) -> pd.DataFrame:
+    """Within each group, give what is left of `budget` votes to the pending tasks closest to a decision (fewest
+    votes asked first); the others get n_more 0 and reason "budget". `dec` has DECISION_COLUMNS."""
+    dec = dec.copy()
+    spent = dec.groupby("group", sort=False)["n_votes"].transform("sum")
+    order = dec.assign(_k=dec["n_more"], _t=dec.index.astype(str)).sort_values(["group", "_k", "_t"])
+    cum = order.groupby("group", sort=False)["n_more"].cumsum()
+    over = cum > (budget - spent.reindex(order.index))
+    cut = order.index[over & (order["n_more"] > 0)]
+    dec.loc[cut, "n_more"] = 0
+    dec.loc[cut, "reason"] = "budget"
+    return dec
 
 
 def group_precision(dec: pd.DataFrame) -> pd.DataFrame:

@@ -9,7 +9,9 @@ do not fit in memory (only the per-task posteriors and per-worker matrices stay 
 The default settings reproduce crowd-kit's ``DawidSkene`` (majority-vote start, same M-step clipping,
 same evidence-lower-bound stopping rule), so labels and posteriors agree with it; ``prior_strength`` > 0
 adds Beta/Dirichlet pseudo-counts to every confusion matrix (MAP instead of ML), which keeps workers
-with a handful of answers from getting extreme matrices.
+with a handful of answers from getting extreme matrices; ``prior_matrix`` gives those pseudo-counts as a
+(K, K) [observed, true] array instead (e.g. the crowd's own prior, `pipeline.qc.prior`), and ``class_prior``
+holds the label shares fixed instead of re-estimating them.
 
     >>> import pandas as pd
     >>> df = pd.DataFrame({"task": ["t1", "t1", "t1", "t2", "t2", "t2"], "worker": ["a", "b", "c"] * 2,
@@ -48,7 +50,8 @@ class DawidSkene(Aggregator):
     """
 
     def __init__(self, n_iter: int = 100, tol: float = 1e-5, prior_strength: float = 0.0,
-                 prior_accuracy: float = 0.7, labels: Iterable[Any] | None = None, class_prior_strength: float = 0.0):
+                 prior_accuracy: float = 0.7, labels: Iterable[Any] | None = None, class_prior_strength: float = 0.0,
+                 prior_matrix: np.ndarray | None = None, class_prior: Iterable[float] | None = None):
         if n_iter < 0:
             raise ValueError("n_iter must be >= 0")
         if not 0.0 < prior_accuracy < 1.0:
@@ -59,9 +62,16 @@ class DawidSkene(Aggregator):
         self.prior_accuracy = prior_accuracy
         self.labels = labels
         self.class_prior_strength = class_prior_strength
+        self.prior_matrix = prior_matrix
+        self.class_prior = class_prior
 
     # ----- the EM core on chunk sources (one chunk = the whole data set when in memory) -----
     def _pseudo(self, n_workers: int, k: int) -> np.ndarray | None:
+        if self.prior_matrix is not None:
+            m = np.asarray(self.prior_matrix, dtype=np.float64)
+            if m.shape != (k, k) or (m < 0).any():
+                raise ValueError(f"prior_matrix must be a ({k}, {k}) array of pseudo-counts >= 0, got shape {m.shape}")
+            return np.broadcast_to(m, (n_workers, k, k))
         if self.prior_strength <= 0:
             return None
         off = (1.0 - self.prior_accuracy) / max(k - 1, 1)
@@ -147,6 +157,11 @@ class DawidSkene(Aggregator):
     def _class_prior(self, probas: np.ndarray, k: int) -> np.ndarray:
         """Mean posterior; with class_prior_strength > 0, that many pseudo-tasks per label are added, so a
         handful of all-yes tasks does not make every unseen task a certain yes."""
+        if self.class_prior is not None:
+            fixed = np.asarray(list(self.class_prior), dtype=np.float64)
+            if fixed.shape != (k,) or (fixed < 0).any() or not np.isclose(fixed.sum(), 1.0):
+                raise ValueError(f"class_prior must be {k} probabilities summing to 1, got {fixed.tolist()}")
+            return fixed
         a = self.class_prior_strength
         if len(probas) == 0:
             return np.full(k, 1.0 / k)

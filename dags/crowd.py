@@ -49,6 +49,8 @@ def _client_and_store(settings):
         "gold_rate": Param(None, type=["null", "number"], minimum=0, maximum=0.9),
         "auto_block": Param(None, type=["null", "boolean"], description="block flagged workers (default crowd.auto_block)"),
         "kind": Param("verify", type="string"),
+        "qc_method": Param(None, type=["null", "string"], enum=[None, "adaptive-ds", "ds", "mv", "confidence-table"],
+                           description="how votes become labels (default qc.method)"),
     },
     doc_md=__doc__,
 )
@@ -73,7 +75,7 @@ def synsetforge_crowd():
 
         # run_qc seeds the plan with ingested pairs not voted on yet (image_links, near copies left out)
         settings = _settings(params)
-        summary = run_qc(store_from_settings(settings), settings)
+        summary = run_qc(store_from_settings(settings), settings, method=params.get("qc_method"))
         return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
 
     @task

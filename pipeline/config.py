@@ -102,14 +102,23 @@ class IngestSettings(Section):
 
 
 class QCSettings(Section):
+    method: str = Field(
+        "adaptive-ds", pattern="^(adaptive-ds|ds|mv|confidence-table)$",
+        description="how votes become labels: adaptive-ds (worker-aware posterior + stopping rule), ds (Dawid-Skene), "
+                    "mv (majority vote) or confidence-table (ImageNet's per-synset table)")
     accept_at: float = Field(0.99, gt=0.5, lt=1.0)
     reject_at: float = Field(0.01, gt=0.0, lt=0.5)
     max_votes_per_image: int = Field(10, ge=1)
     initial_votes: int = Field(2, ge=1, description="votes asked for an image nobody has voted on yet")
     max_batch: int | None = Field(None, ge=1, description="most votes asked per image per push (None = as many as needed)")
     budget_per_synset: int | None = Field(None, ge=1, description="total votes a synset may use (None = no limit)")
-    prior_accuracy: float = Field(0.8, gt=0.5, lt=1.0, description="assumed accuracy of a worker with no history")
+    prior_accuracy: float = Field(0.8, gt=0.5, lt=1.0, description="assumed accuracy of a worker with no history "
+                                  "while the crowd's own prior cannot be estimated (or calibrated is false)")
     prior_strength: float = Field(4.0, ge=0.0, description="pseudo-answers behind prior_accuracy")
+    calibrated: bool = Field(True, description="adaptive-ds: learn the worker prior from the crowd (empirical Bayes) "
+                             "and weigh each vote by its worker's record on other images; false = the fixed prior")
+    calibration_share: float = Field(0.1, gt=0.0, le=1.0, description="confidence-table: share of each synset's "
+                                     "images voted max_votes_per_image times to build its table")
     min_votes_to_flag: int = Field(20, ge=1)
     min_gold_to_flag: int = Field(5, ge=1)
     gold_min_accuracy: float = Field(0.6, ge=0.0, le=1.0)

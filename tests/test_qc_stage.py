@@ -148,3 +148,182 @@ def test_push_plan_asks_about_the_undecided_pairs_across_several_synsets():
     assert status == {images[0]: "pending", images[1]: "accepted", images[2]: "rejected"}
     assert plan[["image_id", "wnid"]].values.tolist() == [[images[0], wnids[0]]]
     assert plan["n_votes"].tolist() == [2] and "n_more" not in labels.columns
+
+
+# ----- the QC method is a setting -----
+
+def store_votes(long: pd.DataFrame, wnid: str = WNID) -> pd.DataFrame:
+    """A votes table from a long (task, worker, label) frame; the task becomes the image id."""
+    return pd.DataFrame({
+        "annotation_id": np.arange(1, len(long) + 1), "task_id": np.arange(1, len(long) + 1),
+        "image_id": [f"{int(t):064x}" for t in long["task"]], "wnid": wnid, "worker": long["worker"].astype(str),
+        "answer": long["label"], "is_gold": False, "lead_time_s": 1.0,
+        "submitted_at": datetime(2026, 1, 1, tzinfo=UTC)})
+
+
+def spammer_crowd(n_tasks: int = 200, seed: int = 2) -> tuple[pd.DataFrame, np.ndarray]:
+    """Every image: three careful workers (90 %) and two who always answer wrong."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 2, n_tasks)
+    rows = []
+    for t in range(n_tasks):
+        rows += [(t, f"h{w}", truth[t] if rng.random() < 0.9 else 1 - truth[t]) for w in range(3)]
+        rows += [(t, f"a{w}", 1 - truth[t]) for w in range(2)]
+    long = pd.DataFrame(rows, columns=["task", "worker", "label"])
+    long["label"] = np.where(long["label"] == 1, "yes", "no")
+    return long, truth
+
+
+@pytest.mark.parametrize("method", ["adaptive-ds", "ds", "mv", "confidence-table"])
+def test_each_method_labels_with_its_name(tmp_path, method):
+    from pipeline.qc.stage import METHODS
+
+    assert method in METHODS
+    store = LocalStore(tmp_path / "s")
+    long, _ = spammer_crowd(80)
+    store.write_table("votes", store_votes(long))
+    settings = load_settings(env={"SYNSETFORGE__QC__METHOD": method}, overrides={"qc": {"max_votes_per_image": 5}})
+    summary = run_qc(store, settings)
+    labels = store.read_table("labels").to_pandas()
+    assert summary["method"] == method and len(labels) == 80
+    assert set(labels["method"]) == {method}
+    assert store.read_table("workers").num_rows == 5  # every method writes the same worker table
+
+
+def test_methods_differ_where_workers_differ():
+    """Five votes per image, two of them always wrong: majority vote is wrong whenever one careful worker slips;
+    Dawid-Skene reads the wrong answers as the evidence they are, the adaptive rule drops them."""
+    from pipeline.qc.stage import aggregate
+
+    long, truth = spammer_crowd()
+    votes = store_votes(long)
+    qc = load_settings(env={}, overrides={"qc": {"max_votes_per_image": 5}}).qc
+    right = {}
+    for method in ("mv", "ds", "adaptive-ds"):
+        labels, _, _, _ = aggregate(votes, pd.DataFrame(), None, qc, method=method)
+        labels = labels.assign(t=labels["image_id"].map(lambda h: int(h, 16))).set_index("t").sort_index()
+        pred = labels["confidence"].to_numpy() > 0.5
+        right[method] = (pred == truth.astype(bool)).mean()
+        assert (labels["method"] == method).all()
+    assert right["mv"] < 0.8 and right["ds"] > 0.95 and right["adaptive-ds"] > 0.95
+
+
+def test_fixed_methods_plan_a_fixed_overlap_and_decide_at_it():
+    """ds / mv: every image is asked for max_votes_per_image votes (max_batch at a time), decided at that
+    overlap by the method's answer, an exact tie pending at the cap."""
+    from pipeline.qc.stage import aggregate
+
+    answers = {0: [], 1: ["yes", "yes"], 2: ["yes"] * 4 + ["no"], 3: ["yes", "no", "yes", "no"] + ["no"],
+               4: ["no"] * 5}
+    long = pd.DataFrame([(t, f"w{i}", a) for t, ans in answers.items() for i, a in enumerate(ans)],
+                        columns=["task", "worker", "label"])
+    pairs = pd.DataFrame({"image_id": [f"{0:064x}"], "wnid": [WNID]})
+    qc = load_settings(env={}, overrides={"qc": {"max_votes_per_image": 5}}).qc
+    labels, _, plan, _ = aggregate(store_votes(long), pd.DataFrame(), pairs, qc, method="mv")
+    st = dict(zip(labels["image_id"].map(lambda h: int(h, 16)), labels["status"], strict=True))
+    assert st == {0: "pending", 1: "pending", 2: "accepted", 3: "rejected", 4: "rejected"}
+    p = plan.assign(t=plan["image_id"].map(lambda h: int(h, 16))).set_index("t")
+    assert p["n_more"].to_dict() == {0: 5, 1: 3} and p["reason"].to_dict() == {0: "new", 1: "fixed"}
+    tie = pd.DataFrame([(9, f"w{i}", a) for i, a in enumerate(["yes", "no"] * 2)], columns=["task", "worker", "label"])
+    qc4 = load_settings(env={}, overrides={"qc": {"max_votes_per_image": 4, "max_batch": 2}}).qc
+    labels, _, plan, _ = aggregate(store_votes(pd.concat([tie, long[long["task"] == 1]])), pd.DataFrame(), None,
+                                   qc4, method="mv")
+    assert labels.set_index("image_id").loc[f"{9:064x}", "status"] == "pending"  # 2 - 2 at the cap
+    assert plan[["image_id", "n_more"]].values.tolist() == [[f"{1:064x}", 2]]  # max_batch at a time
+
+
+def test_confidence_table_calibrates_a_share_then_decides_the_rest_from_it():
+    from pipeline.qc.stage import aggregate, calibration_subset
+
+    qc = load_settings(env={}, overrides={"qc": {"max_votes_per_image": 5, "calibration_share": 0.2}}).qc
+    pairs = pd.DataFrame({"image_id": [f"{i:064x}" for i in range(40)], "wnid": WNID})
+    labels, _, plan, _ = aggregate(pd.DataFrame(), pd.DataFrame(), pairs, qc, method="confidence-table")
+    keys = pd.Index(pairs["image_id"] + "|" + WNID)
+    calib = calibration_subset(keys, pd.Series(WNID, index=keys), 0.2)
+    assert 2 <= calib.sum() <= 20
+    by = plan.set_index("image_id")
+    cal_ids = pairs["image_id"][calib]
+    assert (by.loc[cal_ids, "n_more"] == 5).all() and (by.loc[cal_ids, "reason"] == "calibration").all()
+    rest = pairs["image_id"][~calib]
+    assert (by.loc[rest, "n_more"] == qc.initial_votes).all() and (by.loc[rest, "reason"] == "new").all()
+
+    # first votes in, no calibration image complete: the rest wait for the table
+    truth = {i: i % 2 for i in range(40)}
+    def votes_for(n_of):
+        rows = [(i, f"w{k}", "yes" if truth[i] else "no") for i in range(40) for k in range(n_of(i))]
+        return store_votes(pd.DataFrame(rows, columns=["task", "worker", "label"]))
+    idx = {int(h, 16) for h in cal_ids}
+    _, _, plan, _ = aggregate(votes_for(lambda i: 2), pd.DataFrame(), pairs, qc, method="confidence-table")
+    assert set(plan["image_id"].map(lambda h: int(h, 16))) == idx  # only the calibration images are asked
+    labels, _, plan, _ = aggregate(votes_for(lambda i: 5 if i in idx else 2), pd.DataFrame(), pairs, qc,
+                                   method="confidence-table")
+    st = labels.set_index(labels["image_id"].map(lambda h: int(h, 16)))["status"]
+    assert all(st[i] == ("accepted" if truth[i] else "rejected") for i in range(40))  # two agreeing votes suffice here
+    assert plan.empty and (labels["method"] == "confidence-table").all()
+
+
+def test_unknown_method_is_refused(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.config import ConfigError
+    from pipeline.qc.stage import aggregate
+
+    with pytest.raises(QCInputError, match="not one of adaptive-ds, ds, mv, confidence-table"):
+        aggregate(pd.DataFrame(), pd.DataFrame(), None, load_settings(env={}).qc, method="median")
+    with pytest.raises(ConfigError, match="qc.method"):
+        load_settings(env={"SYNSETFORGE__QC__METHOD": "median"})
+    with pytest.raises(SystemExit):
+        main(["--store", str(tmp_path / "s"), "qc", "--method", "median"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_method_flag_and_summary_say_which_method_and_gold(tmp_path, capsys):
+    from pipeline.cli import main
+
+    store = LocalStore(tmp_path / "s")
+    long, _ = spammer_crowd(40)
+    store.write_table("votes", store_votes(long))
+    assert main(["--store", str(tmp_path / "s"), "qc", "--method", "mv"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mv: ") and "no gold controls yet: workers are judged by agreement only" in out
+    assert set(store.read_table("labels").to_pandas()["method"]) == {"mv"}
+
+
+def test_crowd_dag_offers_every_method():
+    """The DAG file holds its Param's choices literally (DAG files import no stage code): they must be the stage's."""
+    import ast
+    from pathlib import Path
+
+    from pipeline.qc.stage import METHODS
+
+    src = (Path(__file__).resolve().parent.parent / "dags" / "crowd.py").read_text()
+    params = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Dict)
+                  and any(isinstance(k, ast.Constant) and k.value == "qc_method" for k in n.keys))
+    param = next(v for k, v in zip(params.keys, params.values, strict=True)
+                 if isinstance(k, ast.Constant) and k.value == "qc_method")
+    enum = next(kw.value for kw in param.keywords if kw.arg == "enum")
+    assert [e.value for e in enum.elts] == [None, *METHODS]
+    assert 'method=params.get("qc_method")' in src
+
+
+# ----- QC without gold says so -----
+
+def test_summary_says_when_there_is_no_gold(tmp_path):
+    from pipeline.qc.stage import NO_GOLD_NOTE
+
+    store = LocalStore(tmp_path / "s")
+    long, _ = spammer_crowd(30)
+    store.write_table("votes", store_votes(long))
+    s = run_qc(store, load_settings(env={}))
+    assert s["gold"] == 0 and s["gold_votes"] == 0 and s["gold_table"] == 0
+    assert s["gold_note"].startswith(NO_GOLD_NOTE) and "no gold table" in s["gold_note"]
+
+    store.write_table("gold", pd.DataFrame({"image_id": ["e" * 64], "wnid": [WNID], "answer": ["yes"],
+                                            "source": ["expert"]}))
+    s = run_qc(store, load_settings(env={}))
+    assert s["gold"] == 0 and s["gold_table"] == 1 and "none answered yet" in s["gold_note"]
+
+    votes, tasks = make_votes()  # eight answered controls, six workers each
+    store.write_table("votes", votes)
+    store.write_table("tasks", tasks)
+    s = run_qc(store, load_settings(env={}))
+    assert s["gold"] == 8 and s["gold_votes"] == 48 and NO_GOLD_NOTE not in s["gold_note"]

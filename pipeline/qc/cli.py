@@ -1,4 +1,7 @@
-"""`synsetforge qc`: aggregate the votes, print per-synset precision and the next push list."""
+"""`synsetforge qc`: aggregate the votes, print per-synset precision and the next push list.
+
+`--method` picks how votes become labels (default: the `qc.method` setting): adaptive-ds, ds, mv or
+confidence-table (see `pipeline.qc.stage`)."""
 
 from __future__ import annotations
 
@@ -32,15 +35,16 @@ def _cmd(args: argparse.Namespace, settings: Any) -> int:
     store = store_from_settings(settings)
     pairs = _read_pairs(args.pairs) if args.pairs else None
     try:
-        summary = run_qc(store, settings, pairs=pairs)
+        summary = run_qc(store, settings, pairs=pairs, method=args.method)
     except QCInputError as exc:
         raise UserError(str(exc)) from None
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
-    print(f"{summary['votes']} votes, {summary['pairs']} (image, wnid) pairs: {summary['accepted']} accepted, "
-          f"{summary['rejected']} rejected, {summary['pending']} pending; {summary['flagged_workers']} of "
-          f"{summary['workers']} workers flagged")
+    print(f"{summary['method']}: {summary['votes']} votes, {summary['pairs']} (image, wnid) pairs: "
+          f"{summary['accepted']} accepted, {summary['rejected']} rejected, {summary['pending']} pending; "
+          f"{summary['flagged_workers']} of {summary['workers']} workers flagged")
+    print(summary["gold_note"])
     per = pd.DataFrame(summary["per_synset"])
     if len(per):
         print("\nper synset (est_precision = mean posterior of the accepted images):")
@@ -56,6 +60,9 @@ def _cmd(args: argparse.Namespace, settings: Any) -> int:
 def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("qc", help="aggregate votes into labels; write workers and the next push plan",
                               description=__doc__)
+    from pipeline.qc.stage import METHODS
+
+    p.add_argument("--method", choices=METHODS, help="QC method (default: the qc.method setting)")
     p.add_argument("--pairs", help="CSV/Parquet of (image_id, wnid) to plan even without votes yet")
     p.add_argument("--top", type=int, default=20, help="rows of the push plan to print (default 20)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -143,7 +143,7 @@ class AdaptiveConsensus(Aggregator):
         prior_yes = float(ds.priors_array_[1]) if keep.any() else 0.5
         p_fit = ds.probas_array_[:, 1] if keep.any() else np.zeros(0)
         if keep.any() and self.calibrated:
-            p_fit = leave_one_out_posterior(ds, prior.matrix(2))
+            p_fit = leave_one_out_posterior(ds, prior.matrix(2), gold.index)
         p_kept = pd.Series(p_fit, index=ds.encoded_.tasks, dtype=float)
         skills_kept = ds.skills_ if keep.any() else pd.Series(dtype=float)
         used_votes = keep.astype(np.float64)
@@ -211,10 +211,10 @@ class AdaptiveConsensus(Aggregator):
                              "n_votes": plan["n_votes"].to_numpy(), "p_yes": plan["p_yes"].to_numpy()})
 
 
-def leave_one_out_posterior(ds: DawidSkene, pseudo: np.ndarray) -> np.ndarray:
+def leave_one_out_posterior(ds: DawidSkene, pseudo: np.ndarray, pinned: pd.Index | None = None) -> np.ndarray:
     """P(yes) per task of a fitted binary Dawid-Skene model, each vote weighed by its worker's matrix estimated
-    without that task (the fit's soft counts minus the task's own share), so a worker is never graded on the
-    answer being graded. Gold tasks keep their pinned answers."""
+    without that task (the fit's soft counts minus the task's own share, plus the `pseudo` counts), so a worker
+    is never graded on the answer being graded. Tasks in `pinned` (gold) keep the fit's pinned answers."""
     enc = ds.encoded_
     p = ds.probas_array_
     k = 2
@@ -231,8 +231,10 @@ def leave_one_out_posterior(ds: DawidSkene, pseudo: np.ndarray) -> np.ndarray:
     pri = np.clip(ds.priors_array_, EPS, None)
     lo = np.log(pri[1]) - np.log(pri[0]) + np.bincount(enc.task, weights=diff, minlength=enc.n_tasks)
     out = 1.0 / (1.0 + np.exp(-lo))
-    pinned = (p[:, 1] == 0.0) | (p[:, 1] == 1.0)
-    return np.where(pinned, p[:, 1], out)
+    if pinned is not None and len(pinned):
+        gold = enc.tasks.isin(pinned)
+        out[gold] = p[gold, 1]
+    return out
 
 
 def apply_budget(dec: pd.DataFrame, budget: int) -> pd.DataFrame:

@@ -42,6 +42,13 @@ def airflow_env(home: Path | str, *, parallelism: int = 2, executor: str = "Loca
     }
 
 
+def project_first_pythonpath() -> str:
+    """PYTHONPATH for Airflow's own processes: task processes put the DAGs folder on sys.path, where dags/crowd.py
+    would shadow the crowd package for a task's `import crowd.cli`; the project's root first keeps the package in
+    front (only Airflow's processes get it: other servers, e.g. Label Studio's venv, must not see the checkout)."""
+    return os.pathsep.join(dict.fromkeys([str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
+
+
 def use_home(home: Path | str, **kwargs: Any) -> dict[str, str]:
     """Point this process at `home` (call before importing airflow) and migrate its SQLite metadata DB."""
     if "airflow" in sys.modules and os.environ.get("AIRFLOW_HOME") != str(home):
@@ -132,7 +139,7 @@ def start_stack(home: Path | str, *, env: dict[str, str] | None = None, port: in
     full = {**airflow_env(home), "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
             "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5", **(env or {})}
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5", "PYTHONPATH": project_first_pythonpath(), **(env or {})}
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     full["AIRFLOW__API__BASE_URL"] = url

@@ -32,9 +32,12 @@ from crowd.client import CrowdClient, CrowdError
 from crowd.kinds import BadAnnotation, choices_answer, load_config
 from pipeline.boxes import (
     BOX_COLUMNS,
+    BOX_TABLES,
     BoxesSettings,
+    BoxTables,
     box_settings,
     empty_frame,
+    extreme_points_to_box,
     pixels_to_percent,
     records,
     region_to_box,
@@ -46,30 +49,40 @@ from pipeline.store import Store
 log = logging.getLogger("synsetforge.boxes")
 
 MODEL_VERSION = "synsetforge-shown-boxes"  # pre-annotations of this version are shown to annotators
-CONFIGS = {"draw": "box_draw.xml", "quality": "box_quality.xml", "coverage": "box_coverage.xml"}
-SHOWN = {"draw": ("accepted", "already boxed"), "quality": ("shown", "box to judge"), "coverage": ("shown", "boxed")}
+CONFIGS = {"draw": "box_draw.xml", "extreme": "extreme.xml", "quality": "box_quality.xml",
+           "coverage": "box_coverage.xml"}
+SHOWN = {"draw": ("accepted", "already boxed"), "extreme": ("accepted", "already boxed"),
+         "quality": ("shown", "box to judge"), "coverage": ("shown", "boxed")}
 DESCRIPTIONS = {
     "draw": "draw one box around one object of the synset that has no box yet",
+    "extreme": "click the four extreme points (top, bottom, left, right) of one object of the synset with no box yet",
     "quality": "is this box tight around one whole object of the synset?",
     "coverage": "does every object of the synset have a box?",
 }
 
 
-def project_title(prefix: str, kind: str) -> str:
-    return f"{prefix} box-{kind}"
+def project_title(prefix: str, kind: str, stem: str = "box") -> str:
+    return f"{prefix} {stem}-{kind}"
 
 
-def provision_boxes(client: CrowdClient, settings: Any, store: Store, policy: BoxesSettings | None = None
-                    ) -> dict[str, int]:
-    """The three box projects, created or updated (config, overlap, pre-annotations shown); {kind: id}."""
+def loop_kinds(tables: BoxTables = BOX_TABLES) -> list[str]:
+    """The task kinds (one Label Studio project each) of a box loop: its way of making a box, quality, coverage."""
+    return [tables.draw_kind, "quality", "coverage"]
+
+
+def provision_boxes(client: CrowdClient, settings: Any, store: Store, policy: BoxesSettings | None = None,
+                    tables: BoxTables = BOX_TABLES) -> dict[str, int]:
+    """The loop's three box projects, created or updated (config, overlap, pre-annotations shown); {kind: id}."""
     from crowd.provision import ensure_project, image_dir_of
 
     policy = policy or box_settings(settings)
     cs = settings.crowd
-    overlap = {"draw": policy.draw_overlap, "quality": policy.quality_overlap, "coverage": policy.coverage_overlap}
+    overlap = {tables.draw_kind: policy.draw_overlap, "quality": policy.quality_overlap,
+               "coverage": policy.coverage_overlap}
     out = {}
-    for kind, config in CONFIGS.items():
-        pid = ensure_project(client, project_title(cs.project_prefix, kind), load_config(config),
+    for kind in loop_kinds(tables):
+        config = CONFIGS[kind]
+        pid = ensure_project(client, project_title(cs.project_prefix, kind, tables.project_stem), load_config(config),
                              overlap=overlap[kind], description=DESCRIPTIONS[kind], image_dir=image_dir_of(store))
         # Annotators see predictions as a read-only starting point (the version is set once some exist).
         client.request("PATCH", f"/api/projects/{pid}/", f"enable pre-annotations on project {pid}",
@@ -166,21 +179,23 @@ def remote_tasks(client: CrowdClient, projects: Mapping[str, int]) -> dict[str, 
     return out
 
 
-def adopt(store: Store, client: CrowdClient, projects: Mapping[str, int]) -> tuple[pd.DataFrame, dict[str, Any]]:
+def adopt(store: Store, client: CrowdClient, projects: Mapping[str, int], tables: BoxTables = BOX_TABLES
+          ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Record server tasks `box_tasks` misses (pushed just before a crash); returns (box_tasks, remote)."""
-    tasks = _read(store, "box_tasks")
+    tasks = _read(store, tables.tasks)
     remote = remote_tasks(client, projects)
     known = set(tasks["request_id"]) if len(tasks) else set()
     rows = [_row_from_data(r["task_id"], r["project_id"], r["data"]) for rid, r in remote.items() if rid not in known]
     if rows:
         log.info("adopting %d box task(s) pushed before a crash", len(rows))
-        tasks = _append(store, "box_tasks", tasks, pd.DataFrame(rows, columns=list(tasks.columns)), ["request_id"])
+        tasks = _append(store, tables.tasks, tasks, pd.DataFrame(rows, columns=list(tasks.columns)), ["request_id"])
     return tasks, remote
 
 
 def push_box_tasks(
     store: Store, client: CrowdClient, settings: Any, projects: Mapping[str, int], actions: pd.DataFrame,
     boxes: pd.DataFrame, *, remote: Mapping[str, Any] | None = None, batch_size: int = 200,
+    tables: BoxTables = BOX_TABLES,
 ) -> int:
     """Import `actions` (from pipeline.boxes.plan) not yet on the server; record them in box_tasks."""
     from crowd.push import image_url_resolver
@@ -189,11 +204,11 @@ def push_box_tasks(
         return 0
     remote = remote if remote is not None else remote_tasks(client, projects)
     todo = actions[~actions["request_id"].isin(set(remote))]
-    tasks = _read(store, "box_tasks")
+    tasks = _read(store, tables.tasks)
     if len(todo) < len(actions):  # already on the server: only make sure the table has them
         rows = [_row_from_data(remote[r]["task_id"], remote[r]["project_id"], remote[r]["data"])
                 for r in actions["request_id"] if r in remote]
-        tasks = _append(store, "box_tasks", tasks, pd.DataFrame(rows, columns=list(tasks.columns)), ["request_id"])
+        tasks = _append(store, tables.tasks, tasks, pd.DataFrame(rows, columns=list(tasks.columns)), ["request_id"])
     if todo.empty:
         return 0
     images = store.read_table("images").to_pandas()
@@ -226,7 +241,7 @@ def push_box_tasks(
                 raise CrowdError(f"Label Studio at {client.url} accepted the import of {kind} tasks but lists "
                                  f"{sum(i is None for i in ids)} of them nowhere; rerun `synsetforge boxes sync`")
             rows = [_row_from_data(i, pid, b["data"]) for i, b in zip(ids, batch, strict=True)]
-            tasks = _append(store, "box_tasks", tasks, pd.DataFrame(rows, columns=list(tasks.columns)), ["request_id"])
+            tasks = _append(store, tables.tasks, tasks, pd.DataFrame(rows, columns=list(tasks.columns)), ["request_id"])
             pushed += len(rows)
         if any("predictions" in p for p in items):
             _ensure_model_version(client, pid)
@@ -240,8 +255,25 @@ def parse_answer(kind: str, result: Any, width: int, height: int, min_size_px: f
     >>> r = [{"from_name": "box", "type": "rectangle", "value": {"x": 10, "y": 20, "width": 50, "height": 40}}]
     >>> parse_answer("draw", r, 200, 100, 2.0)["x_max"]
     120.0
+    >>> pts = [{"from_name": "points", "type": "keypointlabels", "value": {"x": x, "y": y, "width": 0.5}}
+    ...        for x, y in ((50, 10), (20, 50), (50, 90), (80, 40))]
+    >>> [parse_answer("extreme", pts, 200, 100, 2.0)[c] for c in ("x_min", "y_min", "x_max", "y_max")]
+    [40.0, 10.0, 160.0, 90.0]
     """
     out: dict[str, Any] = {"answer": "invalid", "reject_reason": None, **dict.fromkeys(BOX_COLUMNS)}
+    if kind == "extreme":
+        clicked = [r for r in result or [] if isinstance(r, dict) and r.get("from_name") == "points"
+                   and not r.get("readonly")] if isinstance(result, list) else None
+        if clicked is None:
+            out["reject_reason"] = f"result is {type(result).__name__}, expected a list"
+            return out
+        values = [r.get("value") if isinstance(r.get("value"), dict) else {} for r in clicked]
+        box, reason = extreme_points_to_box(values, width, height, min_size_px=min_size_px)
+        if box is None:
+            out["reject_reason"] = reason
+        else:
+            out.update(answer="box", **dict(zip(BOX_COLUMNS, box, strict=True)))
+        return out
     if kind == "draw":
         drawn = [r for r in result or [] if isinstance(r, dict) and r.get("from_name") == "box"
                  and not r.get("readonly")] if isinstance(result, list) else None
@@ -295,14 +327,15 @@ def annotations_to_answers(export: list[dict[str, Any]], tasks: pd.DataFrame, se
 
 
 def pull_box_answers(store: Store, client: CrowdClient, settings: Any, projects: Mapping[str, int],
-                     tasks: pd.DataFrame | None = None, policy: BoxesSettings | None = None) -> int:
+                     tasks: pd.DataFrame | None = None, policy: BoxesSettings | None = None,
+                     tables: BoxTables = BOX_TABLES) -> int:
     """Append new annotations of the box projects to box_answers; a rerun adds nothing."""
     from crowd.pull import pseudonym_key, user_emails
 
     policy = policy or box_settings(settings)
     key = pseudonym_key(settings)
-    tasks = tasks if tasks is not None else _read(store, "box_tasks")
-    answers = _read(store, "box_answers")
+    tasks = tasks if tasks is not None else _read(store, tables.tasks)
+    answers = _read(store, tables.answers)
     seen = set(answers["annotation_id"].astype("int64")) if len(answers) else set()
     worker_of = user_emails(client)
     new = [annotations_to_answers(client.export_json(pid), tasks, seen, worker_of, key, policy.min_size_px)
@@ -311,7 +344,7 @@ def pull_box_answers(store: Store, client: CrowdClient, settings: Any, projects:
     if not new:
         return 0
     fresh = pd.concat(new, ignore_index=True)
-    _append(store, "box_answers", answers, fresh, ["annotation_id"])
+    _append(store, tables.answers, answers, fresh, ["annotation_id"])
     bad = fresh[fresh["reject_reason"].notna()]
     if len(bad):
         log.info("%d drawn box(es) or vote(s) unusable: %s", len(bad), bad["reject_reason"].value_counts().head().to_dict())
@@ -327,20 +360,22 @@ def admin_from_settings(settings: Any) -> CrowdClient:
 
 
 def sync(store: Store, settings: Any, *, steps: int = 1, client: CrowdClient | None = None,
-         pairs: pd.DataFrame | None = None, policy: BoxesSettings | None = None) -> dict[str, Any]:
+         pairs: pd.DataFrame | None = None, policy: BoxesSettings | None = None,
+         tables: BoxTables = BOX_TABLES) -> dict[str, Any]:
     """adopt -> pull -> plan -> push, `steps` times; returns the last plan's summary and the counts."""
     policy = policy or box_settings(settings)
     client = client or admin_from_settings(settings)
-    projects = provision_boxes(client, settings, store, policy)
+    projects = provision_boxes(client, settings, store, policy, tables)
     pulled = pushed = 0
     result = None
     for _ in range(steps):
-        tasks, remote = adopt(store, client, projects)
-        pulled += pull_box_answers(store, client, settings, projects, tasks, policy)
-        result = run_plan(store, policy, pairs)
-        n = push_box_tasks(store, client, settings, projects, result.actions, result.boxes, remote=remote)
+        tasks, remote = adopt(store, client, projects, tables)
+        pulled += pull_box_answers(store, client, settings, projects, tasks, policy, tables)
+        result = run_plan(store, policy, pairs, tables)
+        n = push_box_tasks(store, client, settings, projects, result.actions, result.boxes, remote=remote,
+                           tables=tables)
         if n:  # replay once more so `coverage` shows the pushed tasks as waiting
-            result = run_plan(store, policy, pairs)
+            result = run_plan(store, policy, pairs, tables)
         pushed += n
     assert result is not None
     return {"projects": projects, "pulled": pulled, "pushed": pushed, "open_actions": len(result.actions),
@@ -353,6 +388,11 @@ def render_answer(kind: str, ans: Any, width: int, height: int) -> list[dict[str
     if kind == "draw":
         return [{"from_name": "box", "to_name": "image", "type": "rectangle", "original_width": width,
                  "original_height": height, "image_rotation": 0, "value": ans.value}]
+    if kind == "extreme":
+        return [{"from_name": "points", "to_name": "image", "type": "keypointlabels", "original_width": width,
+                 "original_height": height, "image_rotation": 0,
+                 "value": {"x": p["x"], "y": p["y"], "width": 0.5, "keypointlabels": ["extreme point"]}}
+                for p in ans.value]
     return [{"from_name": "answer", "to_name": "image", "type": "choices", "value": {"choices": [ans.choice]}}]
 
 
@@ -412,13 +452,13 @@ def work_boxes(workers: list[tuple[Any, Any]], projects: Mapping[str, int], trut
 
 def run_until_done(store: Store, settings: Any, workers: list[tuple[Any, Any]], truth: pd.DataFrame, *,
                    client: CrowdClient, pairs: pd.DataFrame | None = None, policy: BoxesSettings | None = None,
-                   seed: int = 0, max_rounds: int = 60) -> dict[str, Any]:
+                   seed: int = 0, max_rounds: int = 60, tables: BoxTables = BOX_TABLES) -> dict[str, Any]:
     """sync -> simulated work -> sync ... until the loop has nothing left to ask (the real-server evidence run)."""
     t0 = time.perf_counter()
     summary: dict[str, Any] = {}
     annotations = 0
     for rounds in range(1, max_rounds + 1):
-        summary = sync(store, settings, client=client, pairs=pairs, policy=policy)
+        summary = sync(store, settings, client=client, pairs=pairs, policy=policy, tables=tables)
         if summary["pushed"] == 0 and summary["open_actions"] == 0 and summary["waiting"] == 0:
             break
         annotations += sum(work_boxes(workers, summary["projects"], truth, seed=seed + rounds).values())

@@ -7,6 +7,13 @@ some true box is >= 0.7, flipped with its own error rate; a coverage verifier sa
 object has an accepted box at IoU >= 0.5, flipped likewise. Times per task are drawn from log-normals
 around assumed medians (draw 25 s, quality 9 s, coverage 8 s: simulation parameters, not measurements).
 
+An extreme clicker (the DET loop's `extreme` kind, Papadopoulos et al., ICCV 2017) clicks the top-, bottom-,
+left- and right-most points of the same object instead of dragging a rectangle: each extreme lands within
+`click_jitter` of the object's size (the points lie on the object, so the simulation gives them less noise than a
+dragged corner: a parameter, not a measurement), a sloppy click misses one extreme part of the object (that side
+comes out 10-35 % short), and now and then a click is lost (three points). Assumed median time 7 s per box, the
+figure the paper reports for its annotators.
+
 The answers are Label Studio shaped (a drawer returns a rectangle `value` in percent of the original
 image), so the same workers drive both the in-process loop below and the real-server run in crowd/boxes.py.
 
@@ -28,9 +35,13 @@ import pandas as pd
 
 from pipeline.boxes import (
     BOX_COLUMNS,
+    BOX_TABLES,
+    DRAW_KINDS,
     TERMINAL,
     BoxesSettings,
+    BoxTables,
     empty_frame,
+    extreme_points_to_box,
     iou_matrix,
     pixels_to_percent,
     plan,
@@ -58,6 +69,8 @@ class WorkerProfile:
     draw_s: float = 25.0
     quality_s: float = 9.0
     coverage_s: float = 8.0
+    click_jitter: float = 0.018  # sd of each extreme point's offset, as a share of the box's width/height
+    extreme_s: float = 7.0
 
 
 def default_workers(n: int = 12, seed: int = 0) -> list[WorkerProfile]:
@@ -74,6 +87,7 @@ def default_workers(n: int = 12, seed: int = 0) -> list[WorkerProfile]:
             p_wrong=0.08 if sloppy else 0.02,
             quality_error=0.2 if poor else float(rng.uniform(0.02, 0.06)),
             coverage_error=0.2 if poor else float(rng.uniform(0.02, 0.06)),
+            click_jitter=float(rng.uniform(0.009, 0.024)),
         ))
     return out
 
@@ -147,6 +161,44 @@ def draw_answer(worker: WorkerProfile, truth: np.ndarray, shown: np.ndarray, w: 
     return {**value, "rotation": 0}
 
 
+def _target(worker: WorkerProfile, truth: np.ndarray, shown: np.ndarray, w: int, h: int, u: float,
+            rng: np.random.Generator) -> np.ndarray:
+    """The object an extreme clicker boxes next (or, for a wrong answer, a patch of background)."""
+    todo = _uncovered(truth, shown)
+    if u < worker.p_invalid + worker.p_wrong or len(truth) == 0:
+        bw, bh = rng.uniform(0.1, 0.3) * w, rng.uniform(0.1, 0.3) * h
+        box = np.array([0.0, 0.0, bw, bh])
+        for _ in range(50):  # background: somewhere no object is
+            x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            box = np.array([x0, y0, x0 + bw, y0 + bh])
+            if len(truth) == 0 or iou_matrix(box[None], truth).max() < 0.1:
+                break
+        return box
+    # all boxed already (coverage said no by mistake): the worker boxes some object again
+    return (truth[int(rng.choice(todo))] if len(todo) else truth[int(rng.integers(len(truth)))]).copy()
+
+
+def extreme_answer(worker: WorkerProfile, truth: np.ndarray, shown: np.ndarray, w: int, h: int,
+                   rng: np.random.Generator) -> list[dict[str, float]]:
+    """Four Label Studio keypoints (percent of the image): top, bottom, left and right extreme of one object not
+    yet boxed, with the worker's noise; three points when a click is lost."""
+    u = rng.random()
+    x0, y0, x1, y1 = _target(worker, truth, shown, w, h, u, rng)
+    bw, bh = x1 - x0, y1 - y0
+    ext = np.array([y0, y1, x0, x1], dtype=np.float64)  # top y, bottom y, left x, right x
+    ext += rng.normal(0, worker.click_jitter, size=4) * np.array([bh, bh, bw, bw])
+    if rng.random() < worker.p_sloppy:  # one extreme part of the object missed: that side comes out short
+        side = int(rng.integers(4))
+        short = rng.uniform(0.10, 0.35) * (bh if side < 2 else bw)
+        ext[side] += short if side in (0, 2) else -short
+    points = [(rng.uniform(x0 + 0.2 * bw, x1 - 0.2 * bw), ext[0]), (rng.uniform(x0 + 0.2 * bw, x1 - 0.2 * bw), ext[1]),
+              (ext[2], rng.uniform(y0 + 0.2 * bh, y1 - 0.2 * bh)), (ext[3], rng.uniform(y0 + 0.2 * bh, y1 - 0.2 * bh))]
+    if u < worker.p_invalid:
+        points = points[:3]
+    return [{"x": float(np.clip(px, 0, w)) * 100.0 / w, "y": float(np.clip(py, 0, h)) * 100.0 / h}
+            for px, py in points]
+
+
 def quality_answer(worker: WorkerProfile, truth: np.ndarray, box: np.ndarray, rng: np.random.Generator) -> str:
     good = len(truth) > 0 and iou_matrix(box[None], truth).max() >= TIGHT_IOU
     return "yes" if good != (rng.random() < worker.quality_error) else "no"
@@ -158,7 +210,8 @@ def coverage_answer(worker: WorkerProfile, truth: np.ndarray, shown: np.ndarray,
 
 
 def seconds(worker: WorkerProfile, kind: str, rng: np.random.Generator) -> float:
-    median = {"draw": worker.draw_s, "quality": worker.quality_s, "coverage": worker.coverage_s}[kind]
+    median = {"draw": worker.draw_s, "extreme": worker.extreme_s, "quality": worker.quality_s,
+              "coverage": worker.coverage_s}[kind]
     return float(median * np.exp(rng.normal(0, 0.4)))
 
 
@@ -168,7 +221,7 @@ class SimAnswer:
 
     worker: str
     kind: str
-    value: dict[str, Any] | None = None  # draw
+    value: Any = None  # draw: a rectangle value; extreme: a list of four points
     choice: str | None = None  # quality, coverage
     lead_time_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -180,6 +233,8 @@ def answer_task(worker: WorkerProfile, kind: str, truth: np.ndarray, shown: np.n
     t = seconds(worker, kind, rng)
     if kind == "draw":
         return SimAnswer(worker.name, kind, value=draw_answer(worker, truth, shown, w, h, rng), lead_time_s=t)
+    if kind == "extreme":
+        return SimAnswer(worker.name, kind, value=extreme_answer(worker, truth, shown, w, h, rng), lead_time_s=t)
     if kind == "quality":
         return SimAnswer(worker.name, kind, choice=quality_answer(worker, truth, shown[0], rng), lead_time_s=t)
     return SimAnswer(worker.name, kind, choice=coverage_answer(worker, truth, shown, rng), lead_time_s=t)
@@ -191,8 +246,11 @@ def answer_row(ans: SimAnswer, *, annotation_id: int, task_id: int, image_id: st
     row = {"annotation_id": annotation_id, "task_id": task_id, "image_id": image_id, "wnid": wnid, "kind": ans.kind,
            "worker": ans.worker, "answer": ans.choice, "x_min": None, "y_min": None, "x_max": None, "y_max": None,
            "reject_reason": None, "lead_time_s": ans.lead_time_s, "submitted_at": EPOCH}
-    if ans.kind == "draw":
-        box, reason = region_to_box(ans.value or {}, w, h, min_size_px=min_size_px)
+    if ans.kind in DRAW_KINDS:
+        if ans.kind == "extreme":
+            box, reason = extreme_points_to_box(ans.value or [], w, h, min_size_px=min_size_px)
+        else:
+            box, reason = region_to_box(ans.value or {}, w, h, min_size_px=min_size_px)
         if box is None:
             row.update(answer="invalid", reject_reason=reason)
         else:
@@ -230,6 +288,7 @@ def run_inprocess(
     workers: list[WorkerProfile] | None = None,
     seed: int = 0,
     max_rounds: int = 500,
+    tables: BoxTables = BOX_TABLES,
 ) -> SimResult:
     """Run the box loop to the end with simulated workers and no server: plan -> answer -> plan ...
 
@@ -249,7 +308,7 @@ def run_inprocess(
     active = pairs
     next_task, next_ann = 1, 1
     for rounds in range(max_rounds):  # noqa: B007 (reported in the result)
-        p = plan(active, tasks, answers, boxes, policy)
+        p = plan(active, tasks, answers, boxes, policy, tables=tables)
         # A finished pair never changes again (its tables only grow by its own tasks): set it aside so a
         # round costs what the open pairs cost. The real loop replays everything; the result is the same.
         fin = p.coverage["state"].isin(TERMINAL)

@@ -39,7 +39,8 @@ from pipeline.errors import UserError
 from pipeline.schemas import empty_table
 from pipeline.store import store_from_settings
 
-KINDS = ("draw", "quality", "coverage")
+KINDS = ("draw", "extreme", "quality", "coverage")
+DRAW_KINDS = ("draw", "extreme")  # the ways one new box is made: dragging a rectangle, or four extreme clicks
 TERMINAL = ("done", "capped", "gave_up")
 BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]
 
@@ -130,6 +131,40 @@ def region_to_box(
     return (cx0, cy0, cx1, cy1), None
 
 
+def extreme_points_to_box(
+    points: Iterable[Mapping[str, Any]], image_w: int, image_h: int, *, min_size_px: float = 2.0
+) -> tuple[tuple[float, float, float, float] | None, str | None]:
+    """Four extreme clicks (Papadopoulos et al., ICCV 2017: the top-, bottom-, left- and right-most points of the
+    object, Label Studio keypoints in percent of the original image) -> (pixel box, None) or (None, reason).
+
+    The box is the points' bounding box: the left- and right-most clicks give x_min and x_max, the top- and
+    bottom-most y_min and y_max, whatever order they were clicked in. Exactly four points are needed; points
+    outside the image are clamped to it; a box thinner than `min_size_px` (points on a line, one click repeated)
+    is rejected.
+
+    >>> extreme_points_to_box([{"x": 50, "y": 10}, {"x": 20, "y": 50}, {"x": 50, "y": 90}, {"x": 80, "y": 40}], 200, 100)
+    ((40.0, 10.0, 160.0, 90.0), None)
+    >>> extreme_points_to_box([{"x": 50, "y": 10}, {"x": 20, "y": 50}], 200, 100)
+    (None, '2 points clicked; click exactly 4 extreme points (top, bottom, left, right)')
+    """
+    pts = list(points)
+    if len(pts) != 4:
+        return None, f"{len(pts)} points clicked; click exactly 4 extreme points (top, bottom, left, right)"
+    if image_w <= 0 or image_h <= 0:
+        return None, f"stored image has no size ({image_w}x{image_h})"
+    try:
+        xy = [(Fraction(float(p["x"])) * image_w / 100, Fraction(float(p["y"])) * image_h / 100) for p in pts]
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None, f"malformed point in {pts!r}: needs numeric x and y"
+    xs = [min(max(float(x), 0.0), float(image_w)) for x, _ in xy]
+    ys = [min(max(float(y), 0.0), float(image_h)) for _, y in xy]
+    box = (min(xs), min(ys), max(xs), max(ys))
+    if box[2] - box[0] < min_size_px or box[3] - box[1] < min_size_px:
+        return None, (f"degenerate: the points span {box[2] - box[0]:.2f}x{box[3] - box[1]:.2f} px "
+                      f"(minimum {min_size_px:g} px); click the object's four extreme points")
+    return box, None
+
+
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise IoU of boxes a (n, 4) and b (m, 4) in (x_min, y_min, x_max, y_max).
 
@@ -197,8 +232,35 @@ def box_id_for(image_id: str, wnid: str, seq: int) -> str:
     return "b" + hashlib.sha256(f"{image_id}:{wnid}:{seq}".encode()).hexdigest()[:23]
 
 
-def request_id_for(image_id: str, wnid: str, seq: int) -> str:
-    return f"box:{image_id}:{wnid}:{seq}"
+def request_id_for(image_id: str, wnid: str, seq: int, prefix: str = "box") -> str:
+    return f"{prefix}:{image_id}:{wnid}:{seq}"
+
+
+@dataclass(frozen=True)
+class BoxTables:
+    """Where one box loop keeps its state, how its request ids start and how it makes a new box. The ILSVRC
+    classification boxes use the defaults; the DET loop (every present class of a fully annotated image) keeps its
+    own tables and Label Studio projects, so the two never see each other's tasks."""
+
+    tasks: str = "box_tasks"
+    answers: str = "box_answers"
+    boxes: str = "boxes"
+    coverage: str = "coverage"
+    request_prefix: str = "box"
+    draw_kind: str = "draw"  # draw (drag a rectangle) or extreme (four extreme clicks)
+    project_stem: str = "box"  # Label Studio project titles: '<prefix> <stem>-<kind>'
+
+    def __post_init__(self) -> None:
+        if self.draw_kind not in DRAW_KINDS:
+            raise BoxInputError(f"draw kind {self.draw_kind!r}: expected one of {DRAW_KINDS}")
+
+
+BOX_TABLES = BoxTables()
+
+
+def det_box_tables(draw_kind: str = "extreme") -> BoxTables:
+    """The DET box loop's tables (det_box_tasks, det_box_answers, det_boxes, det_coverage) and projects."""
+    return BoxTables("det_box_tasks", "det_box_answers", "det_boxes", "det_coverage", "detbox", draw_kind, "det-box")
 
 
 # ------------------------------------------------------------------------------------------- aggregation
@@ -246,10 +308,11 @@ class Action:
     overlap: int
     box_id: str | None = None
     shown_box_ids: list[str] = field(default_factory=list)
+    prefix: str = "box"
 
     @property
     def request_id(self) -> str:
-        return request_id_for(self.image_id, self.wnid, self.seq)
+        return request_id_for(self.image_id, self.wnid, self.seq, self.prefix)
 
 
 @dataclass
@@ -346,6 +409,7 @@ def replay_pair(
     quality: Mapping[str, tuple[float, int, int]],
     frozen: Mapping[str, Mapping[str, Any]],
     policy: BoxesSettings,
+    tables: BoxTables = BOX_TABLES,
 ) -> tuple[PairState, list[dict[str, Any]]]:
     """Replay one pair's tasks in seq order; return its state (with the next action) and its candidate boxes.
 
@@ -355,8 +419,9 @@ def replay_pair(
     st = PairState(image_id, wnid)
     boxes: list[dict[str, Any]] = []
     by_id: dict[str, dict[str, Any]] = {}
-    first = {"draw": policy.draw_overlap, "quality": policy.quality_overlap, "coverage": policy.coverage_overlap}
-    nxt: tuple[str, str | None, int] = ("draw", None, first["draw"])  # (kind, box_id, overlap) of the next task
+    draw = tables.draw_kind
+    first = {draw: policy.draw_overlap, "quality": policy.quality_overlap, "coverage": policy.coverage_overlap}
+    nxt: tuple[str, str | None, int] = (draw, None, first[draw])  # (kind, box_id, overlap) of the next task
     cov_votes: list[str] = []  # coverage votes of the current round (split votes get one more at a time)
     for t in sorted(tasks, key=lambda r: r["seq"]):
         st.n_tasks += 1
@@ -368,10 +433,10 @@ def replay_pair(
             st.state, st.waiting = kind, True
             return st, boxes
         got = got[: t["overlap"]]
-        if kind == "draw":
+        if kind in DRAW_KINDS:
             drawn = [a for a in got if a["answer"] == "box"]
             if not drawn:
-                nxt = ("draw", None, first["draw"])
+                nxt = (draw, None, first[draw])
                 continue
             coords = np.array([[a[c] for c in BOX_COLUMNS] for a in drawn], dtype=np.float64)
             best = consolidate(coords, policy.cluster_iou)[0]
@@ -390,7 +455,7 @@ def replay_pair(
                     row.update(verified="rejected", reason=f"duplicate of {st.accepted[int(ious.argmax())]}")
             boxes.append(row)
             by_id[bid] = row
-            nxt = ("draw", None, first["draw"]) if row["verified"] == "rejected" else ("quality", bid, first["quality"])
+            nxt = (draw, None, first[draw]) if row["verified"] == "rejected" else ("quality", bid, first["quality"])
         elif kind == "quality":
             row = by_id.get(t["box_id"])
             if row is None:
@@ -410,7 +475,7 @@ def replay_pair(
                 cov_votes = []
                 nxt = ("coverage", None, first["coverage"])
             elif row["verified"] == "rejected":
-                nxt = ("draw", None, first["draw"])
+                nxt = (draw, None, first[draw])
             else:  # votes split and below the cap: one more vote on the same box
                 nxt = ("quality", row["box_id"], 1)
         elif kind == "coverage":
@@ -423,7 +488,7 @@ def replay_pair(
             if yes * 2 > n:
                 st.state, st.covered = "done", True
                 return st, boxes
-            nxt = ("draw", None, first["draw"])
+            nxt = (draw, None, first[draw])
             if len(st.accepted) >= policy.max_boxes:
                 st.state = "capped"
                 return st, boxes
@@ -436,7 +501,7 @@ def replay_pair(
     shown = [bid] if kind == "quality" else list(st.accepted)
     st.state = kind
     seq = max((int(t["seq"]) for t in tasks), default=-1) + 1
-    st.action = Action(image_id, wnid, seq, kind, overlap, bid, shown)
+    st.action = Action(image_id, wnid, seq, kind, overlap, bid, shown, tables.request_prefix)
     return st, boxes
 
 
@@ -447,6 +512,7 @@ def plan(
     boxes: pd.DataFrame | None = None,
     policy: BoxesSettings | None = None,
     aggregate: Aggregator | None = None,
+    tables: BoxTables = BOX_TABLES,
 ) -> Plan:
     """The whole box loop's state from its tables, and what to push next.
 
@@ -479,7 +545,7 @@ def plan(
     box_rows: list[dict] = []
     for image_id, wnid in pairs[["image_id", "wnid"]].drop_duplicates().itertuples(index=False):
         st, rows = replay_pair(image_id, wnid, tasks_by_pair.get((image_id, wnid), []), answers_by_task, quality,
-                               frozen, policy)
+                               frozen, policy, tables)
         states[(image_id, wnid)] = st
         box_rows += rows
     acts = [a for a in (s.action for s in states.values()) if a is not None]
@@ -539,16 +605,17 @@ def pairs_to_box(store: Any, policy: BoxesSettings | None = None) -> pd.DataFram
     return pairs.reset_index(drop=True)
 
 
-def run_plan(store: Any, policy: BoxesSettings | None = None, pairs: pd.DataFrame | None = None) -> Plan:
-    """Read the box tables, replay the loop, write `boxes` and `coverage`; return the plan (actions to push)."""
+def run_plan(store: Any, policy: BoxesSettings | None = None, pairs: pd.DataFrame | None = None,
+             tables: BoxTables = BOX_TABLES) -> Plan:
+    """Read the box tables, replay the loop, write `boxes` and `coverage` (or `tables`' names); return the plan."""
     policy = policy or BoxesSettings()
     pairs = pairs_to_box(store, policy) if pairs is None else pairs
-    tasks = store.read_table("box_tasks", missing_ok=True).to_pandas()
-    answers = store.read_table("box_answers", missing_ok=True).to_pandas()
-    boxes = store.read_table("boxes", missing_ok=True).to_pandas()
-    result = plan(pairs, tasks, answers, boxes, policy)
-    store.write_table("boxes", result.boxes)
-    store.write_table("coverage", result.coverage)
+    tasks = store.read_table(tables.tasks, missing_ok=True).to_pandas()
+    answers = store.read_table(tables.answers, missing_ok=True).to_pandas()
+    boxes = store.read_table(tables.boxes, missing_ok=True).to_pandas()
+    result = plan(pairs, tasks, answers, boxes, policy, tables=tables)
+    store.write_table(tables.boxes, result.boxes)
+    store.write_table(tables.coverage, result.coverage)
     return result
 
 
@@ -599,7 +666,8 @@ def register_cli(subparsers: Any) -> None:
 
 
 __all__ = [
-    "Action", "BoxInputError", "BoxesSettings", "Cluster", "Plan", "PairState", "box_id_for", "box_settings",
-    "consolidate", "empty_frame", "iou_matrix", "majority_aggregate", "percent_to_pixels", "pixels_to_percent",
+    "Action", "BOX_TABLES", "BoxInputError", "BoxTables", "BoxesSettings", "Cluster", "DRAW_KINDS", "Plan",
+    "PairState", "box_id_for", "box_settings", "consolidate", "det_box_tables", "empty_frame", "extreme_points_to_box",
+    "iou_matrix", "majority_aggregate", "percent_to_pixels", "pixels_to_percent",
     "plan", "qc_aggregator", "region_to_box", "replay_pair", "request_id_for", "run_plan", "summarize",
 ]

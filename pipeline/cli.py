@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "pipeline.qc.cli",
     "pipeline.boxes",
     "crowd.cli",  # after pipeline.boxes: it adds `boxes sync`
+    "pipeline.presence",  # DET: `det status|plan|release`
+    "crowd.presence",  # after pipeline.presence: it adds `det sync|boxes`
     "pipeline.release.cli",
     "pipeline.evaluate",
     "pipeline.airflow_local",

@@ -214,6 +214,39 @@ class ReleaseSettings(Section):
         return v
 
 
+class DetSettings(Section):
+    """DET (`[det]`): presence of every class in every image asked as a tree of questions, then boxes for every
+    present class. Read by pipeline.presence (the presence loop) and the DET box loop."""
+
+    scheme: str = Field("checklist", pattern="^(question|checklist)$",
+                        description="question: one yes/no question per task; checklist: a node's children in one task")
+    questions_per_round: int = Field(2, ge=1, description="question scheme: questions pushed per image at a time")
+    checklist_max: int = Field(12, ge=2, description="most items per checklist (a longer list is split)")
+    initial_votes: int | None = Field(
+        None, ge=1, description="answers asked of a new question (None: what a typical worker needs to clear a no)")
+    max_votes: int = Field(15, ge=1, description="answers per (image, node) before the more probable answer stands")
+    accept_at: float = Field(0.99, gt=0.5, lt=1.0, description="present when P(present | answers, co-occurrence) >= this")
+    miss_factor: float = Field(
+        300.0, gt=1.0, description="absent only when the answers are this many times likelier for an absent object")
+    gold_positives: int = Field(3, ge=0, description="known positives mixed into every gold_batch presence tasks")
+    gold_negatives: int = Field(3, ge=0, description="known negatives mixed into every gold_batch presence tasks")
+    gold_batch: int = Field(48, ge=1, description="presence tasks per gold_positives + gold_negatives controls")
+    gold_seed_file: str | None = Field(
+        None, description="expert-annotated control images (CSV or Parquet: image_id, node_id or wnid, answer)")
+    max_images: int | None = Field(None, ge=1, description="annotate only a stable sample of the accepted images")
+    box_kind: str = Field("extreme", pattern="^(draw|extreme)$",
+                          description="DET boxes by drawing (ILSVRC) or by four extreme clicks (Papadopoulos et al.)")
+    val_images: int | float = Field(
+        0.2, description="DET release val images: a count (>= 0) or a fraction in (0, 1) of the fully annotated images")
+    test_images: int | float = Field(
+        0.2, description="DET release test images: a count (>= 0) or a fraction in (0, 1) of the fully annotated images")
+
+    @field_validator("val_images", "test_images")
+    @classmethod
+    def _quota(cls, v: int | float) -> int | float:
+        return ReleaseSettings._quota(v)
+
+
 class Settings(Section):
     store: StoreSettings = Field(default_factory=StoreSettings)
     vocabulary: VocabularySettings = Field(default_factory=VocabularySettings)
@@ -223,6 +256,7 @@ class Settings(Section):
     crowd: CrowdSettings = Field(default_factory=CrowdSettings)
     release: ReleaseSettings = Field(default_factory=ReleaseSettings)
     boxes: BoxesSettings = Field(default_factory=BoxesSettings)
+    det: DetSettings = Field(default_factory=DetSettings)
 
     @field_validator("*", mode="before")
     @classmethod

@@ -238,3 +238,108 @@ def score(world: World, result: SimResult) -> dict[str, Any]:
             "tasks_per_image": len(result.tasks) / n, "answers_per_image": len(v) / n,
             "gold_answer_share": gold_votes / max(len(v), 1),
             "seconds_per_image": secs / n, "rounds": result.rounds}
+
+
+# ------------------------------------------------------------------------- a whole DET run in a store, in-process
+@dataclass
+class DetTruth:
+    """What a simulated DET image set holds: per image the present nodes (classes and their ancestors) and the
+    true boxes of each present class."""
+
+    world: World
+    boxes: pd.DataFrame  # image_id, wnid, x_min, y_min, x_max, y_max
+    pairs: pd.DataFrame  # image_id, wnid, width, height: every present (image, class)
+
+    def present_nodes(self) -> dict[str, set[str]]:
+        tree = self.world.tree
+        return {i: {tree.ids[n] for n in np.flatnonzero(self.world.truth_of(i))}
+                for i in [*self.world.image_ids, *self.world.gold_ids]}
+
+
+def write_det_world(store: Any, n_images: int, *, seed: int = 0, n_gold: int = 0, max_objects: int = 3) -> DetTruth:
+    """Render `n_images` (+ `n_gold` control) images into a store that holds a DET vocabulary (synsets and
+    det_questions, from `synsetforge vocab --det`): each shows 1-`max_objects` DET classes (1-2 instances each, as
+    coloured shapes), written to the images table as ingest would (image_id = sha256 of the stored bytes); the
+    control images' full truth goes to presence_gold."""
+    from crowd.simulate_boxes import render_image
+    from pipeline.boxes import BOX_COLUMNS, iou_matrix
+    from pipeline.schemas import arrow_schema
+
+    rng = np.random.default_rng([seed, 5])
+    questions = store.read_table("det_questions").to_pandas()
+    tree = QuestionTree.from_table(questions)
+    classes = tree.classes
+    rows, boxes, present_rows, ids = [], [], [], []
+    for i in range(n_images + n_gold):
+        w, h = int(rng.integers(240, 641)), int(rng.integers(200, 481))
+        chosen = rng.choice(classes, size=int(rng.integers(1, max_objects + 1)), replace=False)
+        placed: list[list[float]] = []
+        mine = []
+        for c in chosen:
+            for _ in range(int(rng.integers(1, 3))):
+                for _ in range(100):
+                    bw, bh = rng.uniform(0.15, 0.35) * w, rng.uniform(0.15, 0.35) * h
+                    x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+                    cand = [x0, y0, x0 + bw, y0 + bh]
+                    if not placed or iou_matrix(np.array([cand]), np.array(placed)).max() < 0.05:
+                        placed.append(cand)
+                        mine.append((tree.ids[c], cand))
+                        break
+        data = render_image(w, h, np.array([b for _, b in mine]).reshape(-1, 4), seed=seed * 100_003 + i)
+        key = store.put_content(data, ".jpg")
+        image_id = key.split("/")[-1].split(".")[0]
+        ids.append(image_id)
+        rows.append({"image_id": image_id, "width": w, "height": h, "format": "JPEG", "n_bytes": len(data),
+                     "storage_key": key, "first_url": f"sim://det/{image_id}.jpg", "status": "accepted"})
+        p = np.zeros(len(tree), dtype=bool)
+        for wnid, b in mine:
+            n = tree.index[wnid]
+            p[n] = True
+            p[tree.ancestors[n]] = True
+            boxes.append({"image_id": image_id, "wnid": wnid, **dict(zip(BOX_COLUMNS, b, strict=True))})
+        present_rows.append(p)
+    cols = arrow_schema("images").names
+    store.write_table("images", pd.DataFrame([{c: r.get(c) for c in cols} for r in rows]))
+    present = np.array(present_rows, dtype=bool).reshape(-1, len(tree))
+    world = World(tree, questions, ids[:n_images], present[:n_images], ids[n_images:], present[n_images:])
+    if n_gold:
+        store.write_table("presence_gold", world.gold_table())
+    truth = pd.DataFrame(boxes, columns=["image_id", "wnid", *BOX_COLUMNS])
+    size = {r["image_id"]: (r["width"], r["height"]) for r in rows}
+    pairs = truth[truth["image_id"].isin(set(world.image_ids))][["image_id", "wnid"]].drop_duplicates()
+    pairs = pairs.assign(width=[size[i][0] for i in pairs["image_id"]], height=[size[i][1] for i in pairs["image_id"]])
+    return DetTruth(world, truth, pairs.reset_index(drop=True))
+
+
+def run_det_inprocess(store: Any, truth: DetTruth, settings: Any = None, *, seed: int = 0, crowd: Crowd | None = None,
+                      box_workers: list[Any] | None = None) -> dict[str, Any]:
+    """The presence loop, then the DET box loop, with simulated workers and no server; their tables are written to
+    `store` as the Label Studio loops would leave them (for release tests and the benchmarks)."""
+    from crowd.simulate_boxes import run_inprocess as run_boxes
+    from pipeline.boxes import box_settings, det_box_tables
+
+    policy = det_settings(settings)
+    res = run_inprocess(truth.world, policy, seed=seed, crowd=crowd)
+    store.write_table("presence_tasks", res.tasks)
+    store.write_table("presence_votes", res.votes)
+    store.write_table("presence_labels", res.labels)
+    store.write_table("det_images", res.images)
+    done = res.images[res.images["state"] == "done"]
+    found = pd.DataFrame([(r.image_id, w) for r in done.itertuples(index=False) for w in r.present],
+                         columns=["image_id", "wnid"])
+    pairs = truth.pairs.merge(found, on=["image_id", "wnid"], how="right").dropna(subset=["width"])
+    missing = found.merge(truth.pairs, on=["image_id", "wnid"], how="left", indicator=True)
+    # a class decided present that is not (a false positive): its image's size, no true box
+    extra = missing[missing["_merge"] == "left_only"][["image_id", "wnid"]]
+    if len(extra):
+        size = truth.pairs.drop_duplicates("image_id").set_index("image_id")[["width", "height"]]
+        extra = extra.join(size, on="image_id")
+        pairs = pd.concat([pairs, extra], ignore_index=True)
+    tables = det_box_tables(policy.box_kind)
+    boxes = run_boxes(pairs.astype({"width": int, "height": int}), truth.boxes, box_settings(settings),
+                      box_workers, seed=seed, tables=tables)
+    store.write_table(tables.tasks, boxes.tasks)
+    store.write_table(tables.answers, boxes.answers)
+    store.write_table(tables.boxes, boxes.boxes)
+    store.write_table(tables.coverage, boxes.coverage)
+    return {"presence": score(truth.world, res), "box_rounds": boxes.rounds, "pairs": len(pairs)}

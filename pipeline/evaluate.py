@@ -195,6 +195,10 @@ def ground_truth_from_release(store: Any, version: str, split: str = "val") -> G
     from pipeline.release.manifest import read_manifest, read_release_table
 
     manifest = read_manifest(store, version)
+    if manifest.get("task") == "det":  # a DET release: fully annotated images, every instance boxed
+        from pipeline.release.det import det_ground_truth
+
+        return det_ground_truth(store, version, split)
     synsets = read_release_table(store, version, "synsets", manifest=manifest)
     labels = read_release_table(store, version, "labels", manifest=manifest)
     boxes = read_release_table(store, version, "boxes", manifest=manifest)
@@ -439,6 +443,8 @@ def _cmd(args: argparse.Namespace, settings: Any) -> int:
         else:
             raise UserError("give --release V, or for --task cls --ground-truth FILE (with --mapping FILE or "
                             "--n-classes N when predictions may name classes the ground truth never uses)")
+        if args.release and args.task != "det" and _is_det_release(store, args.release):
+            raise UserError(f"release {args.release!r} is a DET release: score it with --task det")
         res = evaluate(args.task, args.predictions, gt, ap_method=args.ap)
     except (EvaluationInputError, ReleaseError) as exc:
         raise UserError(str(exc)) from None
@@ -446,6 +452,12 @@ def _cmd(args: argparse.Namespace, settings: Any) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, sort_keys=True))
     return 0
+
+
+def _is_det_release(store: Any, version: str) -> bool:
+    from pipeline.release.manifest import read_manifest
+
+    return read_manifest(store, version).get("task") == "det"
 
 
 def register_cli(subparsers: Any) -> None:

@@ -157,6 +157,10 @@ def export_devkit(store: Store, version: str, out: str | os.PathLike[str], *, im
     """Write the devkit layout of release `version` to folder `out`; return counts of what was written."""
     out = Path(out)
     manifest = read_manifest(store, version)
+    if manifest.get("task") == "det":  # a DET release has its own layout (pipeline.release.det)
+        from pipeline.release.det import export_det_devkit
+
+        return export_det_devkit(store, version, out, images=images)
     synsets = read_release_table(store, version, "synsets", manifest=manifest)
     labels = read_release_table(store, version, "labels", manifest=manifest)
     imgs = _frame(read_release_table(store, version, "images", manifest=manifest),

@@ -394,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         boxes(store, settings, server, corpus, links, annotators)
         step(f"release DAG: version {VERSION}, then an ILSVRC evaluation")
         out = release_and_evaluate(store, workdir)
+        step("challenge: test labels hidden, an organisers' baseline and one team on a leaderboard with intervals")
+        from challenge.demo import open_demo_challenge
+
+        open_demo_challenge(store, VERSION, workdir)
 
         step("done")
         print(f"store (all tables):  {store_dir}")

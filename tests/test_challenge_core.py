@@ -312,3 +312,38 @@ def test_open_service_puts_sqlite_in_the_data_folder(tmp_path, monkeypatch):
     assert (tmp_path / "data" / "challenge" / "challenge.db").exists() and svc.store is not None
     with pytest.raises(SubmissionProblems):
         read_submission(b"\xff\xfe", "cls", held_out_from_arrays([1], 1))
+
+
+def test_the_command_line_builds_opens_scores_and_closes_a_challenge(tmp_path, capsys, monkeypatch):
+    from pipeline.cli import main
+
+    monkeypatch.delenv("SYNSETFORGE_CHALLENGE_DB", raising=False)
+    store = LocalStore(tmp_path / "data")
+    make_fixture(store, n_classes=3, per_class=12, seed=8, box_fraction=0.9)
+    s = str(tmp_path / "data")
+    assert main(["--store", s, "release", "build", "--version", "r1", "--challenge", "--val-per-class", "2",
+                 "--test-per-class", "4", "--no-neardup"]) == 0
+    held = load_held_out(store, "r1")
+    opens = (datetime.utcnow() - timedelta(hours=1)).isoformat(timespec="minutes")
+    closes = (datetime.utcnow() + timedelta(days=3)).isoformat(timespec="minutes")
+    assert main(["--store", s, "challenge", "create", "r1-cls", "--release", "r1", "--task", "cls",
+                 "--phase", f"main/{opens}/{closes}", "--per-day", "1"]) == 0
+    assert main(["--store", s, "challenge", "team", "prior", "--baseline"]) == 0
+    out = capsys.readouterr().out
+    assert "1 per day" in out and "token (shown once" in out
+    sub = tmp_path / "prior.txt"
+    sub.write_text("".join("1\n" for _ in range(held.n)))
+    assert main(["--store", s, "challenge", "submit", "r1-cls", str(sub), "--baseline", "prior"]) == 0
+    bad = tmp_path / "bad.txt"
+    bad.write_text("7\n")
+    assert main(["--store", s, "challenge", "submit", "r1-cls", str(bad), "--baseline", "prior"]) == 2
+    err = capsys.readouterr().err
+    assert "line count" in err and "index out of range" in err
+    assert main(["--store", s, "challenge", "leaderboard", "r1-cls", "--snapshot"]) == 0
+    out = capsys.readouterr().out
+    assert "prior (baseline)" in out and "99.9 % interval" in out and "snapshot v1" in out
+    assert main(["--store", s, "challenge", "leaderboard", "r1-cls", "--private"]) == 2
+    assert main(["--store", s, "challenge", "close", "r1-cls"]) == 0
+    assert "private board" in capsys.readouterr().out
+    assert main(["--store", s, "challenge", "analysis", "r1-cls"]) == 0
+    assert "accuracy vs scale" in capsys.readouterr().out

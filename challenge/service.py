@@ -55,6 +55,7 @@ from pipeline.store import Store
 
 TOKEN_PREFIX = "sfc_"
 SESSION_HOURS = 12
+NEAR_IDENTICAL_WINDOW = 500  # other teams' latest submissions a new one is compared with, image by image
 WINDOWS = (("day", timedelta(days=1)), ("week", timedelta(days=7)), ("phase", None))
 
 
@@ -480,26 +481,30 @@ class ChallengeService:
         return sub.id, moved, ladder_score
 
     def _flag(self, ch: Challenge, sub_id: int, team_id: int, digest: str, sig: np.ndarray) -> list[dict[str, Any]]:
-        """Flag other teams' submissions that say the same (identical) or nearly the same (near-identical)."""
-        found = []
+        """Flag other teams' submissions that say the same (identical: any of them, by the indexed digest) or nearly
+        the same (near-identical: per-image agreement >= the challenge's threshold, against the latest
+        NEAR_IDENTICAL_WINDOW submissions of other teams)."""
+        found: dict[int, dict[str, Any]] = {}
+        others = (Submission.challenge_id == ch.id, Submission.team_id != team_id, Team.is_baseline.is_(False))
         with read_session(self.engine) as s:
-            rows = s.execute(select(Submission.id, Submission.content_digest, Submission.signature)
-                             .join(Team, Team.id == Submission.team_id)
-                             .where(Submission.challenge_id == ch.id, Submission.team_id != team_id,
-                                    Team.is_baseline.is_(False))).all()
-        for other_id, other_digest, other_sig in rows:
-            if other_digest == digest:
-                found.append({"other": other_id, "kind": "identical", "agreement": 1.0})
+            same = s.scalars(select(Submission.id).join(Team, Team.id == Submission.team_id)
+                             .where(*others, Submission.content_digest == digest)).all()
+            recent = s.execute(select(Submission.id, Submission.signature).join(Team, Team.id == Submission.team_id)
+                               .where(*others).order_by(Submission.id.desc()).limit(NEAR_IDENTICAL_WINDOW)).all()
+        for other_id in same:
+            found[other_id] = {"other": other_id, "kind": "identical", "agreement": 1.0}
+        for other_id, other_sig in recent:
+            if other_id in found:
                 continue
             a = agreement(sig, np.frombuffer(other_sig, dtype=np.uint64))
             if a >= ch.near_identical:
-                found.append({"other": other_id, "kind": "near-identical", "agreement": a})
+                found[other_id] = {"other": other_id, "kind": "near-identical", "agreement": a}
         if found:
             with write_session(self.engine) as s:
-                for f in found:
+                for f in found.values():
                     s.add(Flag(challenge_id=ch.id, submission_id=sub_id, other_id=f["other"], kind=f["kind"],
                                agreement=f["agreement"]))
-        return found
+        return list(found.values())
 
     def flags(self, slug: str) -> list[dict[str, Any]]:
         ch = self.challenge(slug)

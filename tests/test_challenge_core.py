@@ -214,6 +214,10 @@ def test_boards_intervals_private_reveal_finals_and_flags(svc, world):
     assert r.flags == [] and svc.flags("b") == []
     r = svc.submit("b", copy.id, lines(perfect), now=NOW)
     assert {f["kind"] for f in r.flags} == {"identical"}
+    near, _ = svc.add_team("near")
+    r = svc.submit("b", near.id, lines(wrong[:1] + perfect[1:]), now=NOW)  # 19 of 20 lines the same
+    assert {f["kind"] for f in r.flags} == {"near-identical"} and min(f["agreement"] for f in r.flags) == 0.95
+    assert {f["team"] for f in svc.flags("b")} == {"copycat", "near"}
     board = build_board(svc, "b", now=NOW)
     assert [row.team for row in board.rows][0] in ("good", "copycat") and board.rows[-1].baseline
     assert board.rows[-1].rank is None and all(r.low <= r.score <= r.high for r in board.rows)
@@ -229,7 +233,7 @@ def test_boards_intervals_private_reveal_finals_and_flags(svc, world):
     snap = snapshot(svc, "b", "private", now=NOW + timedelta(hours=2))
     assert snap["version"] == 2 and world.exists(snap["key"])  # close wrote version 1
     t = pq.read_table(pa.BufferReader(world.get(snap["key"])))
-    assert set(t.column("team").to_pylist()) == {"good", "bad", "copycat", "baseline"}
+    assert set(t.column("team").to_pylist()) == {"good", "bad", "copycat", "near", "baseline"}
 
 
 # ------------------------------------------------------------------ bootstrap and the Ladder

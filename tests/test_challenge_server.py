@@ -181,6 +181,24 @@ def test_form_posts_need_the_sessions_csrf_token_and_tokens_stay_out_of_logs(run
     assert running["svc"].quota("walk", running["svc"].team_id("alpha"))[0].used == 0
     status, _ = alpha.post("/c/walk/finals", {"final": "1"})
     assert status == 403
+    # with the form's CSRF token the upload is scored; the client's file name is never used for anything
+    status, page = alpha.get("/c/walk/submit")
+    csrf = re.search(rb'name="csrf" value="([^"]+)"', page).group(1).decode()
+    held = running["held"]
+    evil = Path("/tmp") / f"sf-evil-{held.digest[:12]}.txt"
+    content = "".join(f"{t}\n" for t in held.truth)
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{csrf}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"../../../..{evil}\"\r\n"
+            f"Content-Type: text/plain\r\n\r\n{content}\r\n--{boundary}--\r\n").encode()
+    req = urllib.request.Request(url + "/c/walk/submit", data=body, method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    status, page = alpha._do(req)
+    assert status == 201 and b"Scored: submission" in page
+    assert not evil.exists()
+    import hashlib
+
+    kept = running["svc"].store.list("private/challenges/walk/submissions")
+    assert kept == [f"private/challenges/walk/submissions/{hashlib.sha256(content.encode()).hexdigest()}"]
     # sign-in without the pre-session cookie's value is refused too (login CSRF)
     status, _ = Client(url).post("/signin", {"pre": "forged", "token": running["a"]})
     assert status == 403
@@ -196,3 +214,37 @@ def test_form_posts_need_the_sessions_csrf_token_and_tokens_stay_out_of_logs(run
     assert "/c/walk/submit" in log  # the access log is there
     for token in (running["a"], running["b"], running["organiser"]):
         assert token not in log and token[4:20] not in log
+
+
+def test_boards_finals_ladder_and_snapshots_on_postgresql(postgres, tmp_path):
+    from challenge.boards import build_board, snapshot
+    from challenge.db import make_engine
+    from challenge.service import ChallengeService
+
+    store = LocalStore(tmp_path / "store")
+    make_fixture(store, n_classes=4, per_class=14, seed=12, box_fraction=0.5)
+    build_release(store, "p1", val_per_class=2, test_per_class=5, neardup=False, challenge=True)
+    engine = make_engine(postgres.url)
+    svc = ChallengeService(engine, store)
+    now = datetime(2026, 12, 1, 12)
+    svc.create_challenge("pg-cls", "p1", "cls", [dict(name="main", opens_at=now - timedelta(days=1),
+                                                      closes_at=now + timedelta(days=9), per_day=3)], ladder=True)
+    held = svc.held_out("p1")
+    team, _ = svc.add_team("pg team")
+    other, _ = svc.add_team("pg other")
+    wrong = "".join(f"{t % 4 + 1}\n" for t in held.truth).encode()
+    right = "".join(f"{t}\n" for t in held.truth).encode()
+    first = svc.submit("pg-cls", team.id, wrong, now=now)
+    second = svc.submit("pg-cls", team.id, right, now=now)
+    assert first.ladder_moved and second.ladder_moved and second.shown_score == 0.0
+    again = svc.submit("pg-cls", team.id, right, now=now)
+    assert again.ladder_moved is False and again.shown_score == 0.0 and again.quota[0].left == 0
+    svc.submit("pg-cls", other.id, wrong, now=now)
+    svc.select_finals("pg-cls", team.id, [first.submission_id], now=now)
+    board = build_board(svc, "pg-cls", now=now)
+    assert [r.team for r in board.rows] == ["pg team", "pg other"] and board.rows[0].better_than_next
+    svc.close("pg-cls", now=now + timedelta(days=1))
+    private = build_board(svc, "pg-cls", "private", now=now + timedelta(days=1))
+    assert {r.team: r.submission_id for r in private.rows}["pg team"] == first.submission_id
+    assert snapshot(svc, "pg-cls", "public", now=now + timedelta(days=1))["version"] == 2
+    engine.dispose()

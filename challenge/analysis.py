@@ -14,6 +14,7 @@ Everything is an aggregate per class, and it is shown only after the phase close
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +116,8 @@ def analyse(held: HeldOut, entries: list[tuple[str, Any]], *, plots: bool = True
     acc = per_class_accuracy(evals, held)
     for j, (name, _) in enumerate(entries):
         props[f"acc:{name}"] = acc[:, j]
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # a class no entry was scored on: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
         props["accuracy"] = np.nanmean(acc, axis=1) if len(evals) else np.nan
     if evals and all(e.task != "det" for e in evals):
         right = np.zeros(held.n, dtype=bool)
@@ -162,12 +164,13 @@ def render_plots(props: pd.DataFrame, corr: dict[str, dict[str, Any]]) -> dict[s
     return out
 
 
-def analysis_for(svc: Any, slug: str, phase: str | None = None, top: int = 5, *, plots: bool = True) -> Analysis:
+def analysis_for(svc: Any, slug: str, phase: str | None = None, top: int = 5, *, plots: bool = True,
+                 now: Any = None) -> Analysis:
     """The analysis of a closed phase's private board (its top `top` ranked entries, baselines left out)."""
     from challenge.boards import build_board
     from challenge.db import Submission, read_session
 
-    board = build_board(svc, slug, "private", phase)
+    board = build_board(svc, slug, "private", phase, now=now)
     ch = svc.challenge(slug)
     held = svc.held_out(ch.release)
     rows = [r for r in board.rows if not r.baseline][:top]

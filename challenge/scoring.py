@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import math
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -402,7 +403,8 @@ def _weighted_map(det: dict[str, np.ndarray], gt: dict[str, np.ndarray], w: np.n
         env = np.maximum.accumulate(prec[:, ::-1], axis=1)[:, ::-1]
         dr = wd * tp / np.where(npos > 0, npos, 1)[:, None]
         aps[:, j] = np.where(npos > 0, (dr * env).sum(axis=1), np.nan)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # a resample without any true box of the board's classes: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(aps, axis=1) if len(classes) else np.full(rounds, np.nan)
 
 

@@ -351,3 +351,25 @@ def test_the_command_line_builds_opens_scores_and_closes_a_challenge(tmp_path, c
     assert "private board" in capsys.readouterr().out
     assert main(["--store", s, "challenge", "analysis", "r1-cls"]) == 0
     assert "accuracy vs scale" in capsys.readouterr().out
+
+
+def test_a_detection_challenge_ranks_by_mean_ap_with_intervals(svc):
+    svc.create_challenge("det", "c1", "det", _phase(unlimited=True))
+    held = svc.held_out("c1")
+    good, _ = svc.add_team("sharp")
+    poor, _ = svc.add_team("blurry")
+    b = held.boxes
+    exact = "".join(f"{r.image + 1} {r.cls} 0.9 {r.x_min:.2f} {r.y_min:.2f} {r.x_max:.2f} {r.y_max:.2f}\n"
+                    for r in b.itertuples())
+    shifted = "".join(f"{r.image + 1} {r.cls} 0.9 {r.x_min:.2f} {r.y_min:.2f} {(r.x_min + r.x_max) / 2:.2f} "
+                      f"{(r.y_min + r.y_max) / 2:.2f}\n" for r in b.itertuples())
+    assert svc.submit("det", good.id, exact.encode(), now=NOW).shown_score == 1.0
+    assert svc.submit("det", poor.id, shifted.encode(), now=NOW).shown_score < 0.5
+    board = build_board(svc, "det", now=NOW)
+    assert [r.team for r in board.rows] == ["sharp", "blurry"] and not board.lower_is_better
+    assert board.rows[0].low <= 1.0 <= board.rows[0].high and board.rows[1].high < 1.0
+    svc.close("det", now=NOW + timedelta(hours=1))
+    from challenge.analysis import analysis_for
+
+    a = analysis_for(svc, "det", plots=False, now=NOW + timedelta(hours=2))
+    assert a.classes["acc:sharp"].dropna().eq(1.0).all() and len(a.classes) == held.n_classes

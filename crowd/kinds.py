@@ -120,6 +120,8 @@ VERIFY = TaskKind(
     name="verify", config_file="verify.xml", build=_verify_build, parse=_verify_parse,
     render=lambda answer, data: choices_result(answer),
     description="one image: does it show the synset? yes / no",
+    # the instructions (`instructions_html`, set by `crowd.cli.ensure_instructions`) open before labeling starts
+    extra={"project": {"show_instruction": True}},
 )
 
 KINDS: dict[str, TaskKind] = {VERIFY.name: VERIFY}
@@ -268,7 +270,66 @@ GRID = TaskKind(
     name="grid", config_file="grid.xml", build=_grid_build, parse=_grid_parse, render=_grid_render,
     description="a grid of candidate images of one synset: tick every image that shows it",
     # A grid where no image shows the synset is a valid answer: the worker submits it with nothing ticked.
-    extra={"project": {"enable_empty_annotation": True}},
+    extra={"project": {"enable_empty_annotation": True, "show_instruction": True}},
     items=_grid_items, group=group_grid,
 )
 register_kind(GRID)
+
+
+# -- instructions: what annotators read before labeling (Label Studio's project `expert_instruction`) ---------
+COUNTS_AS_YES = (
+    "a photograph in which the thing itself can be seen, even when it is small, partly hidden, cut off at the edge "
+    "or among other things",
+)
+COUNTS_AS_NO = (
+    "something else, even when it looks alike or usually goes with it",
+    "drawings, paintings, cartoons, logos, toys, models and words naming the thing",
+    "a photo so dark, blurred or small that you cannot tell",
+)
+KEYS = {
+    "verify": [("1", "yes"), ("2", "no"), ("Ctrl+Enter", "submit the answer and get the next photo")],
+    "grid": [("click", "the <i>yes</i> box under every photo that shows it"),
+             ("Ctrl+Enter", "submit the grid (unticked photos count as no)")],
+}
+
+
+def instructions_html(kind: str, synsets: list[dict[str, Any]], examples: dict[str, list[str]] | None = None,
+                      max_classes: int = 100) -> str:
+    """The project's instructions, built from its synsets: what to do, what counts as yes and as no, the keys, and
+    per class its name, WordNet definition and up to three accepted examples. Label Studio shows them before
+    labeling starts (`show_instruction`) and behind the labeling stream's instructions button. HTML, escaped.
+
+        >>> page = instructions_html("verify", [{"wnid": "n02123045", "lemmas": ["tabby", "tabby cat"],
+        ...                                      "gloss": "a cat with a grey or tawny coat"}])
+        >>> "tabby, tabby cat" in page and "a cat with a grey or tawny coat" in page and "<kbd>1</kbd>" in page
+        True
+    """
+    esc = html.escape
+    examples = examples or {}
+    what = ("Each task shows one photo and one class: answer <b>yes</b> if the photo shows the class, <b>no</b> if "
+            "it does not." if kind != "grid" else
+            "Each task shows a grid of photos and one class: tick <b>yes</b> under every photo that shows the class "
+            "and leave the others unticked.")
+    out = [f"<h3>What to do</h3><p>{what} Judge by the definition, not only by the name. Not sure? Use "
+           "<b>Skip</b>: a skipped task is no answer, and nobody is asked to guess.</p>",
+           "<h4>Counts as yes</h4><ul>" + "".join(f"<li>{esc(r)}</li>" for r in COUNTS_AS_YES) + "</ul>",
+           "<h4>Counts as no</h4><ul>" + "".join(f"<li>{esc(r)}</li>" for r in COUNTS_AS_NO) + "</ul>",
+           "<h4>Keys</h4><ul>" + "".join(f"<li><kbd>{k}</kbd> {v}</li>" for k, v in KEYS.get(kind, KEYS["verify"]))
+           + "</ul>",
+           "<p>Some tasks are checks whose answer is already known; answer them like any other.</p>"]
+    rows = sorted(synsets, key=lambda r: str(r["wnid"]))
+    out.append(f"<h3>The classes ({len(rows)})</h3><dl>")
+    for r in rows[:max_classes]:
+        lemmas = r.get("lemmas")
+        names = ", ".join(str(x) for x in lemmas) if isinstance(lemmas, list | tuple) or hasattr(lemmas, "tolist") \
+            else str(lemmas or r["wnid"])
+        shown = examples.get(r["wnid"], [])[:3]
+        pics = "".join(f'<img src="{esc(u, quote=True)}" alt="accepted example" style="height:72px;margin:2px"/>'
+                       for u in shown)
+        out.append(f"<dt><b>{esc(names)}</b> <small>({esc(str(r['wnid']))})</small></dt>"
+                   f"<dd>{esc(str(r.get('gloss') or ''))}"
+                   + (f"<br/>accepted examples: {pics}" if pics else "") + "</dd>")
+    out.append("</dl>")
+    if len(rows) > max_classes:
+        out.append(f"<p>... and {len(rows) - max_classes} more: every task shows its own class's definition.</p>")
+    return "\n".join(out)

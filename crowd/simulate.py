@@ -26,7 +26,10 @@ import httpx
 
 from crowd.client import CrowdClient, CrowdError
 from crowd.kinds import KINDS
-from crowd.status import flagged_workers  # noqa: F401 - routing helpers live here too
+from crowd.status import (
+    flagged_workers,  # noqa: F401 - routing helpers live here too
+    form_post,
+)
 
 log = logging.getLogger("synsetforge.crowd")
 
@@ -65,51 +68,24 @@ class Annotator:
 
 
 def find_user(admin: CrowdClient, email: str) -> int | None:
-    body = admin.get_json("/api/users/", page_size=10000)
-    users = body.get("results", body) if isinstance(body, dict) else body
-    for u in users:
-        if (u.get("email") or "").lower() == email.lower():
-            return int(u["id"])
-    return None
+    from crowd.status import find_user as find
 
-
-def _form_post(s: httpx.Client, path: str, data: dict[str, str]) -> httpx.Response:
-    s.get(path)
-    csrf = s.cookies.get("csrftoken") or ""
-    return s.post(path, data={**data, "csrfmiddlewaretoken": csrf}, headers={"X-CSRFToken": csrf})
+    return find(admin, email)
 
 
 def ensure_user(admin: CrowdClient, email: str, password: str) -> int:
     """The account's user id; a new account signs up through the organization's invite link, as a person
-    invited by the admin would (Label Studio's user API cannot set a password). Idempotent by email."""
-    uid = find_user(admin, email)
-    if uid is not None:
-        return uid
-    invite = admin.get_json("/api/invite")
-    httpx_log = logging.getLogger("httpx")
-    level = httpx_log.level
-    httpx_log.setLevel(logging.WARNING)  # its INFO line would carry the invite token in the URL
-    try:
-        with httpx.Client(base_url=admin.url, follow_redirects=True, timeout=60) as s:
-            resp = _form_post(s, f"/user/signup/?token={invite['token']}", {"email": email, "password": password})
-            signed_up = "sessionid" in s.cookies
-    finally:
-        httpx_log.setLevel(level)
-        # The server's own access log records the link: rotate it so a logged token opens nothing.
-        admin.request("POST", "/api/invite/reset-token", "rotate the invite token")
-    if not signed_up:
-        raise CrowdError(f"sign-up of {email} at {admin.url} failed (HTTP {resp.status_code}); "
-                         "is the password long enough (8+ characters, not too common)?")
-    uid = find_user(admin, email)
-    if uid is None:
-        raise CrowdError(f"{email} signed up but is not a member of the admin's organization")
-    return uid
+    invited by the admin would (`crowd.status.create_account`), and the link is renewed afterwards. Idempotent by
+    email."""
+    from crowd.status import create_account
+
+    return create_account(admin, email, password, rotate_invite=True)[0]
 
 
 def login_token(url: str, email: str, password: str) -> str:
     """Log in through the web form as that person would and read the account's API token."""
     with httpx.Client(base_url=url, follow_redirects=True, timeout=60) as s:
-        resp = _form_post(s, "/user/login/", {"email": email, "password": password})
+        resp = form_post(s, "/user/login/", {"email": email, "password": password})
         if "sessionid" not in s.cookies:
             raise CrowdError(f"login of {email} at {url} failed (HTTP {resp.status_code}); check the password")
         tok = s.get("/api/current-user/token")

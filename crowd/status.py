@@ -29,8 +29,8 @@ from pipeline.store import Store
 
 log = logging.getLogger("synsetforge.crowd")
 
-RECORD_COLUMNS = ["worker", "user_id", "n_votes", "gold_n", "gold_accuracy", "estimated_accuracy", "qc_flag",
-                  "gold_flag", "flagged", "blocked"]
+RECORD_COLUMNS = ["worker", "user_id", "n_votes", "n_repeats", "gold_n", "gold_accuracy", "estimated_accuracy",
+                  "qc_flag", "gold_flag", "flagged", "blocked"]
 
 
 class WorkerUnknown(UserError):
@@ -54,16 +54,30 @@ def synset_status(tasks: pd.DataFrame, remote: pd.DataFrame, votes: pd.DataFrame
     return out[["wnid", "tasks", "gold_tasks", "open", "done", "votes", "workers"]]
 
 
-def status(store: Store, client: CrowdClient | None, project_ids: list[int]) -> dict[str, Any]:
+def status(store: Store, client: CrowdClient | None, project_ids: list[int], settings: Any = None) -> dict[str, Any]:
+    """Per synset tasks and votes; per worker the votes QC counts, the repeats it ignores, gold record and flags
+    (`worker_records`, counted as `pipeline.qc.team.vote_accounting` counts: the same numbers as QC's `workers` table
+    and the release report); with `settings`, the team's situation in words (`team`: see `pipeline.qc.team`)."""
+    from pipeline.qc.team import team_status, vote_accounting
+
     tasks = store.read_table("tasks", missing_ok=True).to_pandas()
     votes = store.read_table("votes", missing_ok=True).to_pandas()
     remote = pd.concat([server_tasks(client, p) for p in project_ids], ignore_index=True) if client and project_ids \
         else pd.DataFrame({"task_id": pd.Series(dtype="int64"), "is_labeled": pd.Series(dtype=bool)})
-    workers = store.read_table("worker_gold", missing_ok=True).to_pandas()
+    worker_gold = store.read_table("worker_gold", missing_ok=True).to_pandas()
+    qc_workers = store.read_table("workers", missing_ok=True).to_pandas()
     quarantine = store.read_table("quarantine", missing_ok=True).to_pandas()
     gold = store.read_table("gold", missing_ok=True).to_pandas()
-    return {"synsets": synset_status(tasks, remote, votes), "workers": workers, "quarantined": len(quarantine),
-            "gold": len(gold)}
+    counts = vote_accounting(votes)
+    records = worker_records(worker_gold, qc_workers, counts=counts).drop(columns=["user_id", "blocked"])
+    out = {"synsets": synset_status(tasks, remote, votes), "workers": records, "quarantined": len(quarantine),
+           "gold": len(gold), "votes_pulled": int(counts["n_pulled"].sum()), "votes_counted": int(counts["n_votes"].sum()),
+           "repeats": int(counts["n_repeats"].sum()), "team": None}
+    if settings is not None:
+        labels = store.read_table("labels", missing_ok=True).to_pandas()
+        plan = store.read_table("push_plan", missing_ok=True).to_pandas()
+        out["team"] = team_status(votes, qc_workers, labels, plan, settings.qc)
+    return out
 
 
 # -- workers --------------------------------------------------------------------------------------------
@@ -86,10 +100,12 @@ def flagged_workers(store: Store) -> set[str]:
 
 
 def worker_records(worker_gold: pd.DataFrame, workers: pd.DataFrame, accounts: pd.DataFrame | None = None,
-                   blocked_ids: set[int] | None = None) -> pd.DataFrame:
+                   blocked_ids: set[int] | None = None, counts: pd.DataFrame | None = None) -> pd.DataFrame:
     """Pure: one row per worker (from either table, plus blocked accounts with no record): votes, gold answers and
     accuracy, QC's estimated accuracy, each side's flag, and (given the accounts and the blocked ids) the account id
-    and whether it is blocked (None: not known).
+    and whether it is blocked (None: not known). `counts` (`pipeline.qc.team.vote_accounting` of the votes) gives
+    n_votes as QC counts them (one per worker and pair) and n_repeats (the pulled votes QC ignores); without it
+    n_votes comes from the tables and n_repeats is None.
 
         >>> wg = pd.DataFrame({"worker": ["w-a", "w-b"], "n_votes": [10, 12], "gold_n": [4, 6],
         ...                    "gold_accuracy": [1.0, 0.5], "flagged": [False, True], "flag_reason": [None, "gold 0.5"]})
@@ -101,7 +117,8 @@ def worker_records(worker_gold: pd.DataFrame, workers: pd.DataFrame, accounts: p
     """
     g = worker_gold.set_index("worker") if len(worker_gold) else pd.DataFrame()
     q = workers.set_index("worker") if len(workers) else pd.DataFrame()
-    names = set(g.index) | set(q.index)
+    c = counts.set_index("worker") if counts is not None and len(counts) else None
+    names = set(g.index) | set(q.index) | (set(c.index) if c is not None else set())
     acc = accounts if accounts is not None else pd.DataFrame(columns=["worker", "user_id", "email"])
     uid = dict(zip(acc["worker"], acc["user_id"], strict=True))
     if blocked_ids:
@@ -113,10 +130,15 @@ def worker_records(worker_gold: pd.DataFrame, workers: pd.DataFrame, accounts: p
         g_flag = gr is not None and bool(gr["flagged"])
         q_flag = qr is not None and bool(qr["flagged"])
         n_votes = gr["n_votes"] if gr is not None else (qr["n_votes"] if qr is not None else 0)
+        n_repeats = None
+        if counts is not None:
+            n_votes, n_repeats = (int(c.loc[w, "n_votes"]), int(c.loc[w, "n_repeats"])) if c is not None and w in c.index \
+                else (0, 0)
         gold_n = gr["gold_n"] if gr is not None else (qr["gold_n"] if qr is not None and "gold_n" in qr else 0)
         user = uid.get(w)
         rows.append({
-            "worker": w, "user_id": None if user is None else int(user), "n_votes": int(n_votes), "gold_n": int(gold_n),
+            "worker": w, "user_id": None if user is None else int(user), "n_votes": int(n_votes), "n_repeats": n_repeats,
+            "gold_n": int(gold_n),
             "gold_accuracy": gr["gold_accuracy"] if gr is not None else None,
             "estimated_accuracy": qr["estimated_accuracy"] if qr is not None else None,
             "qc_flag": (qr["flag_reason"] or "flagged") if q_flag else None,
@@ -126,6 +148,7 @@ def worker_records(worker_gold: pd.DataFrame, workers: pd.DataFrame, accounts: p
         })
     out = pd.DataFrame(rows, columns=RECORD_COLUMNS)
     out["user_id"] = out["user_id"].astype("Int64")
+    out["n_repeats"] = out["n_repeats"].astype("Int64")
     for col in ("qc_flag", "gold_flag", "blocked", "gold_accuracy", "estimated_accuracy"):
         out[col] = out[col].astype(object).where(out[col].notna(), None)
     return out
@@ -144,15 +167,17 @@ def workers_report(store: Store, client: CrowdClient | None, settings: Any) -> p
     """worker_records for the store, with accounts and blocked state when a client (and admin password) is at hand;
     plus an `email` column, for the admin's eyes only (never written anywhere)."""
     from crowd.pull import accounts, pseudonym_key
+    from pipeline.qc.team import vote_accounting
 
     wg = store.read_table("worker_gold", missing_ok=True).to_pandas()
     qc = store.read_table("workers", missing_ok=True).to_pandas()
+    counts = vote_accounting(store.read_table("votes", missing_ok=True).to_pandas())
     acc = blocked = None
     if client is not None:
         acc = accounts(client, pseudonym_key(settings))
         if settings.crowd.admin_password is not None:
             blocked = client.blocked_user_ids(password=_password(settings))
-    out = worker_records(wg, qc, acc, blocked)
+    out = worker_records(wg, qc, acc, blocked, counts=counts)
     email = dict(zip(acc["worker"], acc["email"], strict=True)) if acc is not None else {}
     return out.assign(email=[email.get(w) for w in out["worker"]])
 
@@ -218,3 +243,61 @@ def block_flagged(store: Store, client: CrowdClient, settings: Any) -> dict[str,
         newly.append(w)
     return {"flagged": len(reasons), "blocked": newly, "already_blocked": n_already, "no_account": missing,
             "exempt": len(reasons) - len(todo)}
+
+
+# -- accounts: the invite link and named annotator accounts -----------------------------------------------------
+def find_user(admin: CrowdClient, email: str) -> int | None:
+    """The user id of the organization member with this email, or None."""
+    for u in admin.list_users():
+        if (u.get("email") or "").lower() == email.strip().lower():
+            return int(u["id"])
+    return None
+
+
+def invite_link(admin: CrowdClient, base_url: str | None = None, *, reset: bool = False) -> str:
+    """The organization's sign-up link (Label Studio's /api/invite); `reset` makes a new one (the old stops working).
+    `base_url`: the address annotators' browsers use (crowd.public_url), default the client's."""
+    if reset:
+        body = admin.request_json("POST", "/api/invite/reset-token", "make a new invite link")
+    else:
+        body = admin.get_json("/api/invite")
+    path = body.get("invite_url") or f"/user/signup/?token={body['token']}"
+    return (base_url or admin.url).rstrip("/") + path
+
+
+def form_post(s: Any, path: str, data: dict[str, str]) -> Any:
+    """POST a Django form on an httpx session, with the CSRF token its GET set (as a browser sends it)."""
+    s.get(path)
+    csrf = s.cookies.get("csrftoken") or ""
+    return s.post(path, data={**data, "csrfmiddlewaretoken": csrf}, headers={"X-CSRFToken": csrf})
+
+
+def create_account(admin: CrowdClient, email: str, password: str, *, rotate_invite: bool = False) -> tuple[int, bool]:
+    """(user id, created) of an annotator account with this email, made through the organization's invite link as a
+    person invited by the admin would sign up (Label Studio's user API cannot set a password). An existing account is
+    left as it is (created False: its password is not changed). `rotate_invite` makes a new invite link afterwards:
+    the server's access log records the sign-up URL with its token."""
+    import httpx
+
+    uid = find_user(admin, email)
+    if uid is not None:
+        return uid, False
+    invite = admin.get_json("/api/invite")
+    httpx_log = logging.getLogger("httpx")
+    level = httpx_log.level
+    httpx_log.setLevel(logging.WARNING)  # its INFO line would carry the invite token in the URL
+    try:
+        with httpx.Client(base_url=admin.url, follow_redirects=True, timeout=60) as s:
+            resp = form_post(s, f"/user/signup/?token={invite['token']}", {"email": email, "password": password})
+            signed_up = "sessionid" in s.cookies
+    finally:
+        httpx_log.setLevel(level)
+        if rotate_invite:
+            admin.request("POST", "/api/invite/reset-token", "rotate the invite token")
+    if not signed_up:
+        raise CrowdError(f"sign-up of {email} at {admin.url} failed (HTTP {resp.status_code}); is the email valid and the "
+                         "password long enough (8+ characters, not too common)?")
+    uid = find_user(admin, email)
+    if uid is None:
+        raise CrowdError(f"{email} signed up but is not a member of the admin's organization")
+    return uid, True

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
 
@@ -124,6 +124,27 @@ class QCSettings(Section):
     gold_min_accuracy: float = Field(0.6, ge=0.0, le=1.0)
     block_below_accuracy: float = Field(0.75, ge=0.0, lt=1.0, description="flag (block) workers estimated below this")
     ds_max_iter: int = Field(100, ge=1)
+    team: list[str] = Field(
+        default_factory=list, description="the annotation team as worker pseudonyms (w-..., as `crowd workers` lists "
+        "them); empty = everyone who voted within active_days of the newest vote")
+    active_days: float = Field(
+        14.0, gt=0.0, description="with no qc.team: annotators who voted within this many days of the newest vote are "
+        "the active team; QC never asks a pair for more votes than active annotators who have not voted on it")
+    small_team_decide: bool = Field(
+        True, description="a pair every active annotator has voted on that is still undecided (needs_new_annotator) "
+        "is decided at small_team_accept_at / small_team_reject_at; false leaves it pending")
+    small_team_accept_at: float = Field(
+        0.9, gt=0.5, lt=1.0, description="small team: accept a needs_new_annotator pair at P(yes) >= this")
+    small_team_reject_at: float = Field(
+        0.25, gt=0.0, lt=0.5, description="small team: reject a needs_new_annotator pair at P(yes) <= this")
+
+    @model_validator(mode="after")
+    def _small_team_bars(self) -> QCSettings:
+        if self.small_team_accept_at > self.accept_at or self.small_team_reject_at < self.reject_at:
+            raise ValueError(f"the small-team bars must lie between the normal ones: reject_at {self.reject_at} <= "
+                             f"small_team_reject_at {self.small_team_reject_at} and small_team_accept_at "
+                             f"{self.small_team_accept_at} <= accept_at {self.accept_at}")
+        return self
 
 
 class BoxesSettings(BaseModel):

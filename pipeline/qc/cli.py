@@ -45,11 +45,14 @@ def _cmd(args: argparse.Namespace, settings: Any) -> int:
           f"{summary['accepted']} accepted, {summary['rejected']} rejected, {summary['pending']} pending; "
           f"{summary['flagged_workers']} of {summary['workers']} workers flagged")
     print(summary["gold_note"])
+    if summary.get("team_note"):
+        print(summary["team_note"])
     per = pd.DataFrame(summary["per_synset"])
     if len(per):
         print("\nper synset (est_precision = mean posterior of the accepted images):")
         print(per.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     plan = store.read_table("push_plan").to_pandas()
+    plan = plan[plan["n_more"] > 0]  # rows with n_more 0: pairs that need a new annotator (see the team note)
     print(f"\nnext push: {len(plan)} pair(s), {int(plan['n_more'].sum()) if len(plan) else 0} vote(s)"
           f" (table push_plan in {store.url})")
     if len(plan) and args.top:

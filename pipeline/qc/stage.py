@@ -43,6 +43,7 @@ from pipeline.qc.confidence_table import ConfidenceTable
 from pipeline.qc.dawid_skene import DawidSkene
 from pipeline.qc.gold import GoldFilter
 from pipeline.qc.majority import MajorityVote
+from pipeline.qc.team import apply_team
 from pipeline.qc.workers import WORKER_COLUMNS, FlagRules
 
 METHOD = "adaptive-ds"
@@ -259,6 +260,7 @@ def run_qc(store: Any, settings: Any, pairs: pd.DataFrame | None = None, method:
     labels, workers, plan, _ = aggregate(votes, tasks, pairs, settings.qc, method=method)
     gold_table = store.read_table("gold", missing_ok=True).to_pandas()
     labels, plan = without_controls(labels, plan, gold_table)
+    labels, plan, team = apply_team(labels, plan, votes, workers, settings.qc)  # the team's limits: pipeline.qc.team
     store.write_table("labels", labels)
     store.write_table("workers", workers)
     store.write_table("push_plan", plan)
@@ -271,4 +273,5 @@ def run_qc(store: Any, settings: Any, pairs: pd.DataFrame | None = None, method:
         "flagged_workers": int(workers["flagged"].sum()), "push_pairs": int(len(plan)),
         "push_votes": int(plan["n_more"].sum()), **gold_summary(votes, tasks, gold_table),
         "per_synset": precision.to_dict("records"),
+        **team,  # last: its push_pairs / push_votes count only the rows that ask for votes (n_more > 0)
     }

@@ -30,6 +30,9 @@ BENCHMARKS = {
     "boxes_inprocess": [PY, "benchmarks/boxes_sim.py", "--images", "10000"],
     "boxes_server": [PY, "benchmarks/boxes_sim.py", "--images", "0", "--server", "8"],
     "release_write": [PY, "benchmarks/release_write.py"],
+    "scale": [PY, "benchmarks/scale.py"],
+    "challenge": [PY, "benchmarks/challenge.py"],
+    "presence": [PY, "benchmarks/presence_sim.py"],
 }
 
 

@@ -1,4 +1,8 @@
-"""`synsetforge crowd push|pull|status|gold|workers|serve`."""
+"""`synsetforge crowd serve|invite|push|pull|loop|status|gold|workers`.
+
+`serve` starts a local Label Studio and prints the admin login (kept in its data dir); `invite` prints the sign-up
+link or creates named annotator accounts; `loop` runs pull -> QC -> push on an interval for a team without
+Airflow (the crowd DAG's steps, Ctrl-C stops it between steps)."""
 
 from __future__ import annotations
 
@@ -66,6 +70,7 @@ def cmd_push(args: argparse.Namespace, settings: Any) -> int:
     try:
         pid = provision(client, settings, kinds=[args.kind], overlap=args.overlap, image_dir=image_dir_of(store))[args.kind]
         ensure_bucket_cors(store, cors_origin(settings, client))
+        ensure_instructions(client, store, settings, pid, args.kind)
         out = push(store, client, settings, project_id=pid, kind=args.kind, plan=plan)
     except (PlanError, CrowdError) as exc:
         raise _user_error(str(exc)) from None
@@ -94,7 +99,7 @@ def cmd_status(args: argparse.Namespace, settings: Any) -> int:
     client = admin_client(settings) if settings.crowd.url and settings.crowd.token else None
     try:
         ids = project_ids(client, settings, list(KINDS)) if client else []
-        out = status(store, client, ids)
+        out = status(store, client, ids, settings)
     except CrowdError as exc:
         raise _user_error(str(exc)) from None
     print("## Synsets\n")
@@ -102,6 +107,10 @@ def cmd_status(args: argparse.Namespace, settings: Any) -> int:
     print("\n## Workers\n")
     w = out["workers"]
     print(w.to_markdown(index=False, floatfmt=".3f") if len(w) else "(no votes pulled yet)")
+    print(f"\nvotes: {out['votes_counted']} counted by QC (one per worker and pair) of {out['votes_pulled']} pulled; "
+          f"{out['repeats']} repeat(s) ignored (a worker answering a pair again: QC keeps the latest answer)")
+    if out["team"] is not None:
+        print(f"\n## Team\n\n{out['team']['team_note']}")
     print(f"\nquarantined annotations: {out['quarantined']}")
     print(f"gold controls: {out['gold']}" + ("" if out["gold"] else " (none yet: pushes carry no controls; "
                                                                    "`synsetforge crowd gold --refresh` builds them)"))
@@ -168,9 +177,22 @@ def cmd_workers(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
+def require_pseudonym_key(settings: Any) -> None:
+    """`crowd serve` and `crowd loop` refuse to start without the pseudonym key: every pull needs it, and a key
+    chosen later would give every annotator a second pseudonym."""
+    secret = settings.crowd.pseudonym_key
+    if secret is None or not secret.get_secret_value():
+        raise _user_error(
+            "crowd.pseudonym_key is not set: export SYNSETFORGE__CROWD__PSEUDONYM_KEY first, a long random secret "
+            "(e.g. `export SYNSETFORGE__CROWD__PSEUDONYM_KEY=$(openssl rand -hex 32)`) kept with your other secrets. "
+            "Pull hashes each annotator's email with it before anything is stored, and it must stay the same: "
+            "a new key gives every annotator a new pseudonym")
+
+
 def cmd_serve(args: argparse.Namespace, settings: Any) -> int:
     from crowd.server import start_labelstudio
 
+    require_pseudonym_key(settings)
     data_dir = Path(args.data_dir or settings.crowd.data_dir).resolve()
     token_file = data_dir / "admin-token"
     password_file = data_dir / "admin-password"
@@ -194,14 +216,20 @@ def cmd_serve(args: argparse.Namespace, settings: Any) -> int:
         if secret is not None:
             path.write_text(secret)
             os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
-    print(f"Label Studio is up at {srv.url} (PID {srv.pid}); admin {srv.username}")
+    public = (settings.crowd.public_url or srv.url).rstrip("/")
+    print(f"Label Studio is up at {srv.url} (PID {srv.pid}; data and log in {data_dir})")
+    if password_file.exists():
+        print(f"admin login: {public}/user/login/   email {srv.username}   password {srv.password}")
+        print(f"  (the password is kept in {password_file}, the API token in {token_file}; both readable by you only)")
+    else:
+        print(f"admin login: {public}/user/login/   email {srv.username}   password: set by an earlier start and not "
+              f"kept in {data_dir}; blocking workers needs it in SYNSETFORGE__CROWD__ADMIN_PASSWORD")
     print(f"export SYNSETFORGE__CROWD__URL={srv.url}")
     print(f"export SYNSETFORGE__CROWD__TOKEN=$(cat {token_file})")
     if password_file.exists():
         print(f"export SYNSETFORGE__CROWD__ADMIN_PASSWORD=$(cat {password_file})")
-    else:
-        print("the admin's password was set by an earlier start and not kept: blocking workers needs it in "
-              "SYNSETFORGE__CROWD__ADMIN_PASSWORD")
+    print("annotators: `synsetforge crowd invite` prints the sign-up link; `synsetforge crowd invite --create EMAIL` "
+          "makes an account and prints its password. Ctrl-C stops the server.")
     sys.stdout.flush()
     if args.detach:
         return 0
@@ -211,6 +239,148 @@ def cmd_serve(args: argparse.Namespace, settings: Any) -> int:
         pass
     srv.stop()
     return 0
+
+
+def cmd_invite(args: argparse.Namespace, settings: Any) -> int:
+    import secrets as secrets_mod
+
+    from crowd.status import create_account, invite_link
+
+    client = admin_client(settings)
+    base = settings.crowd.public_url or client.url
+    try:
+        if not args.create:
+            link = invite_link(client, base, reset=args.reset)
+            print(f"{'new ' if args.reset else ''}invite link (anyone holding it can make an annotator account on "
+                  f"this server; `--reset` replaces it):\n{link}")
+            return 0
+        made = []
+        for email in args.create:
+            if "@" not in email:
+                raise _user_error(f"--create {email!r}: give the annotator's email address")
+            password = secrets_mod.token_urlsafe(12)
+            uid, created = create_account(client, email, password)
+            made.append((email, uid, password if created else None))
+        if args.reset:
+            invite_link(client, base, reset=True)
+    except CrowdError as exc:
+        raise _user_error(str(exc)) from None
+    print(f"log in at {base.rstrip('/')}/user/login/ (printed once, kept nowhere; Label Studio's open-source edition "
+          "has no page for changing it, the admin can set a new one at /admin/):")
+    for email, uid, password in made:
+        print(f"  {email}   password {password}   (account {uid})" if password else
+              f"  {email}   already has an account ({uid}); its password is unchanged")
+    return 0
+
+
+def ensure_instructions(client: CrowdClient, store: Any, settings: Any, project_id: int, kind: str) -> bool:
+    """Set the project's instructions (`crowd.kinds.instructions_html`: what counts as yes, the keys, each synset's
+    definition and accepted examples) when they differ from what the server holds; True when they changed."""
+    from crowd.kinds import instructions_html
+    from crowd.push import PlanError, accepted_examples, image_url_resolver
+
+    if not store.has_table("synsets") or kind not in ("verify", "grid"):
+        return False
+    synsets = store.read_table("synsets").to_pandas().to_dict("records")
+    examples: dict[str, list[str]] = {}
+    if store.has_table("images"):
+        images = store.read_table("images").to_pandas()
+        images = images[images["image_id"].notna() & images["storage_key"].notna()]
+        try:
+            resolve = image_url_resolver(store, images, files_root=settings.crowd.files_root,
+                                         expiry_s=settings.crowd.image_url_expiry_s)
+            examples = accepted_examples(store, resolve)
+        except PlanError:
+            examples = {}
+    text = instructions_html(kind, synsets, examples)
+    proj = client.get_json(f"/api/projects/{project_id}/")
+    if proj.get("expert_instruction") == text and proj.get("show_instruction"):
+        return False
+    client.call(f"set the instructions of project {project_id}", client.sdk.projects.update, id=project_id,
+                expert_instruction=text, show_instruction=True)
+    return True
+
+
+def cmd_loop(args: argparse.Namespace, settings: Any) -> int:
+    """pull -> QC -> refresh gold (while QC asks for votes) and block flagged workers (crowd.auto_block) -> push,
+    every --interval seconds, as the crowd DAG does. The first Ctrl-C stops the loop after the step in progress (each
+    step can be rerun), a second one at once."""
+    import threading
+    from datetime import datetime
+
+    require_pseudonym_key(settings)
+    client = admin_client(settings)
+    store = store_from_settings(settings)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("stopping after the step in progress (Ctrl-C again stops at once) ...", flush=True)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    rounds = 0
+    try:
+        print(f"crowd loop: pull -> qc -> push every {args.interval:g} s on {store.url} (kind {args.kind}, "
+              f"Label Studio {client.url}); Ctrl-C stops it", flush=True)
+        while not stop.is_set():
+            rounds += 1
+            line = loop_round(client, store, settings, args.kind, method=args.method, stop=stop)
+            print(f"round {rounds} ({datetime.now().strftime('%H:%M:%S')}): {line}", flush=True)
+            if args.rounds and rounds >= args.rounds:
+                break
+            stop.wait(args.interval)
+    except CrowdError as exc:
+        raise _user_error(str(exc)) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"crowd loop stopped after {rounds} round(s); `synsetforge crowd loop` picks up where it left off", flush=True)
+    return 0
+
+
+def loop_round(client: CrowdClient, store: Any, settings: Any, kind: str, *, method: str | None = None,
+               stop: Any = None) -> str:
+    """One round of the crowd loop (the crowd DAG's tasks in order); returns what happened, in words. Between steps
+    it returns early once `stop` (a threading.Event) is set."""
+    from crowd.gold import refresh_gold
+    from crowd.provision import cors_origin, ensure_bucket_cors, image_dir_of, provision
+    from crowd.pull import pull
+    from crowd.push import push
+    from crowd.status import block_flagged
+    from pipeline.qc.stage import run_qc
+
+    said = []
+    ids = project_ids(client, settings, [kind])
+    pulled = pull(store, client, settings, project_ids=ids) if ids else {"new_votes": 0, "total_votes": 0}
+    said.append(f"pulled {pulled['new_votes']} new vote(s) ({pulled['total_votes']} in all)")
+    if stop is not None and stop.is_set():
+        return "; ".join(said)
+    qc = run_qc(store, settings, method=method)
+    said.append(f"qc: {qc['pairs']} pair(s), {qc['accepted']} accepted, {qc['rejected']} rejected, {qc['pending']} "
+                f"pending; {qc['push_pairs']} pair(s) to ask ({qc['push_votes']} vote(s))")
+    said.append(qc["team_note"])
+    if stop is not None and stop.is_set():
+        return "; ".join(said)
+    gold = refresh_gold(store, settings, grow=qc["push_pairs"] > 0)
+    if gold.get("added") or gold.get("dropped"):
+        said.append(f"gold: {gold['gold']} control(s) ({gold['added']} added, {gold['dropped']} dropped)")
+    if settings.crowd.auto_block:
+        blocked = block_flagged(store, client, settings)
+        if blocked["blocked"]:
+            said.append(f"blocked {len(blocked['blocked'])} flagged worker(s)")
+    if stop is not None and stop.is_set():
+        return "; ".join(said)
+    if qc["push_pairs"]:
+        pid = provision(client, settings, kinds=[kind], image_dir=image_dir_of(store))[kind]
+        ensure_bucket_cors(store, cors_origin(settings, client))
+        ensure_instructions(client, store, settings, pid, kind)
+        pushed = push(store, client, settings, project_id=pid, kind=kind)
+        said.append(f"pushed {pushed['pushed']} task(s) ({pushed['gold']} gold)")
+    else:
+        said.append("nothing to push" + (": settled" if not qc["needs_new_annotator"] else ""))
+    return "; ".join(said)
 
 
 def cmd_boxes_sync(args: argparse.Namespace, settings: Any) -> int:
@@ -247,7 +417,19 @@ def register_cli(subparsers: Any) -> None:
     one.add_argument("--unblock", metavar="W", help="unblock worker W")
     wk.add_argument("--emails", action="store_true", help="show each worker's account email (admin eyes only)")
     wk.set_defaults(func=cmd_workers)
-    sv = sub.add_parser("serve", help="start a local Label Studio (Ctrl-C stops it)")
+    iv = sub.add_parser("invite", help="print the link annotators sign up with, or create named annotator accounts")
+    iv.add_argument("--create", action="append", metavar="EMAIL",
+                    help="create an annotator account and print its password (repeatable)")
+    iv.add_argument("--reset", action="store_true", help="replace the invite link (the old one stops working)")
+    iv.set_defaults(func=cmd_invite)
+    lp = sub.add_parser("loop", help="pull -> qc -> push on an interval, for a team without Airflow (Ctrl-C stops it)")
+    lp.add_argument("--interval", type=float, default=60.0, help="seconds between rounds (default 60)")
+    lp.add_argument("--kind", default="verify", choices=sorted(k for k in KINDS if k in ("verify", "grid")))
+    lp.add_argument("--method", choices=["adaptive-ds", "ds", "mv", "confidence-table"],
+                    help="QC method (default: the qc.method setting)")
+    lp.add_argument("--rounds", type=int, help="stop after this many rounds (default: until Ctrl-C)")
+    lp.set_defaults(func=cmd_loop)
+    sv = sub.add_parser("serve", help="start a local Label Studio and print its admin login (Ctrl-C stops it)")
     sv.add_argument("--data-dir", help="server data dir (default crowd.data_dir)")
     sv.add_argument("--port", type=int)
     sv.add_argument("--timeout", type=float, default=180.0)

@@ -289,6 +289,7 @@ COUNTS_AS_NO = (
 KEYS = {
     "verify": [("1", "yes"), ("2", "no"), ("Ctrl+Enter", "submit the answer and get the next photo")],
     "grid": [("click", "the <i>yes</i> box under every photo that shows it"),
+             ("1 ... 9, 0", "tick or untick the first ten photos' boxes (the numbers beside each <i>yes</i>)"),
              ("Ctrl+Enter", "submit the grid (unticked photos count as no)")],
 }
 
@@ -310,11 +311,12 @@ def instructions_html(kind: str, synsets: list[dict[str, Any]], examples: dict[s
             "it does not." if kind != "grid" else
             "Each task shows a grid of photos and one class: tick <b>yes</b> under every photo that shows the class "
             "and leave the others unticked.")
+    ul = '<ul style="list-style: disc; padding-left: 1.5em; margin: 0.2em 0 0.6em">'
     out = [f"<h3>What to do</h3><p>{what} Judge by the definition, not only by the name. Not sure? Use "
            "<b>Skip</b>: a skipped task is no answer, and nobody is asked to guess.</p>",
-           "<h4>Counts as yes</h4><ul>" + "".join(f"<li>{esc(r)}</li>" for r in COUNTS_AS_YES) + "</ul>",
-           "<h4>Counts as no</h4><ul>" + "".join(f"<li>{esc(r)}</li>" for r in COUNTS_AS_NO) + "</ul>",
-           "<h4>Keys</h4><ul>" + "".join(f"<li><kbd>{k}</kbd> {v}</li>" for k, v in KEYS.get(kind, KEYS["verify"]))
+           "<h4>Counts as yes</h4>" + ul + "".join(f"<li>{esc(r)}</li>" for r in COUNTS_AS_YES) + "</ul>",
+           "<h4>Counts as no</h4>" + ul + "".join(f"<li>{esc(r)}</li>" for r in COUNTS_AS_NO) + "</ul>",
+           "<h4>Keys</h4>" + ul + "".join(f"<li><kbd>{k}</kbd> {v}</li>" for k, v in KEYS.get(kind, KEYS["verify"]))
            + "</ul>",
            "<p>Some tasks are checks whose answer is already known; answer them like any other.</p>"]
     rows = sorted(synsets, key=lambda r: str(r["wnid"]))

@@ -8,8 +8,10 @@ crowd.auto_block (or the `auto_block` Param) is on, and does nothing otherwise.
 
 Runs every 10 minutes and whenever ingest publishes new images (the `images` Asset). Every step is idempotent
 (pull dedupes by annotation id, push by request id with a write-ahead log), so any failed run is repaired by the
-next one. When QC has nothing left to ask (every synset settled or out of budget) after new votes came in, the
-`settled` task publishes the `labels` Asset, which starts the box loop; otherwise it is skipped. Scheduled runs
+next one. When QC has nothing left to ask (every synset settled or out of budget, or the pairs left need an annotator
+who has not voted on them yet) after new votes came in, the `settled` task publishes the `labels` Asset, which starts
+the box loop; otherwise it is skipped. Its message and the aggregate task's log say the team's situation in words
+(`team_note`: active annotators, pairs decided at the small-team bar, pairs that need a new annotator). Scheduled runs
 skip quietly on a machine with no Label Studio configured; a run started by hand fails and says what is missing.
 The Label Studio URL comes from the configuration or the `url` Param; the token and pseudonym key only from env.
 """
@@ -76,6 +78,7 @@ def synsetforge_crowd():
         # run_qc seeds the plan with ingested pairs not voted on yet (image_links, near copies left out)
         settings = _settings(params)
         summary = run_qc(store_from_settings(settings), settings, method=params.get("qc_method"))
+        print(summary["team_note"])  # in the task log: who can still vote, which pairs need a new annotator
         return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
 
     @task
@@ -101,6 +104,7 @@ def synsetforge_crowd():
     @task(outlets=[TASKS], **SERVER_RETRIES)
     @fail_fast
     def push_tasks(aggregated: dict, params=None) -> dict:
+        from crowd.cli import ensure_instructions
         from crowd.provision import cors_origin, ensure_bucket_cors, image_dir_of, provision
         from crowd.push import push
 
@@ -111,6 +115,7 @@ def synsetforge_crowd():
         kind = params["kind"]
         pid = provision(client, settings, kinds=[kind], image_dir=image_dir_of(store))[kind]
         ensure_bucket_cors(store, cors_origin(settings, client))
+        ensure_instructions(client, store, settings, pid, kind)
         out = push(store, client, settings, project_id=pid, kind=kind)
         return {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
 
@@ -118,12 +123,14 @@ def synsetforge_crowd():
     def settled(pulled: dict, aggregated: dict, pushed: dict, params=None) -> dict:
         from pipeline.dagtools import announce, skip
 
+        team = aggregated.get("team_note", "")  # the team's situation in words (pipeline.qc.team)
         if aggregated.get("push_pairs", 1) > 0:
-            skip(f"{aggregated.get('push_pairs')} pairs still need votes")
+            skip(f"{aggregated.get('push_pairs')} pairs still need votes. {team}")
         if not pulled.get("new_votes"):
-            skip("settled, and no new votes since the last run: labels unchanged")
+            skip(f"settled, and no new votes since the last run: labels unchanged. {team}")
         announce(_settings(params), LABELS)
-        return {"accepted": aggregated.get("accepted"), "rejected": aggregated.get("rejected")}
+        return {"accepted": aggregated.get("accepted"), "rejected": aggregated.get("rejected"),
+                "needs_new_annotator": aggregated.get("needs_new_annotator", 0), "team": team}
 
     pulled = pull_votes()
     aggregated = aggregate(pulled)

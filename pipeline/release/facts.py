@@ -2,7 +2,8 @@
 
 Read from the release itself (manifest, synsets, labels, images with their attribution, boxes) and from the
 store's optional crowd tables (votes, box_answers, workers, worker_gold, images, labels); a table that is
-absent leaves its part empty (None), and the report and card say "no data" for it. report.py renders HTML
+absent leaves its part empty (None), and the report and card say "no data" for it. Votes are counted as QC counts
+them (`pipeline.qc.team.vote_accounting`: one per worker and pair); repeats QC ignores are counted apart. report.py renders HTML
 from this, card.py Markdown; neither imports the other's renderer.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipeline.qc.team import counted_votes, vote_accounting
 from pipeline.release.manifest import read_manifest, read_release_table
 from pipeline.store import MissingKey, Store
 
@@ -39,6 +41,7 @@ class ReportData:
     licenses: pd.DataFrame | None = None  # license, images
     sources: pd.DataFrame | None = None  # source, images
     attribution: dict[str, int] | None = None  # images, with_license, with_creator, with_page
+    vote_counts: pd.DataFrame | None = None  # per worker: n_votes (QC counts), n_repeats, n_pulled (qc.team)
 
     def class_label(self, wnid: str) -> str:
         """'<wnid> <synset name>' (the wnid alone when the name is unknown)."""
@@ -101,17 +104,28 @@ def collect(store: Store, version: str, *, thumbs_per_class: int = 8, max_thumb_
     cost: dict[str, Any] = {"votes": None, "boxes": None}
     votes = _optional(store, "votes")
     accepted_ids = set(prim.image_id)
+    vote_counts = None
     if votes is not None and votes.num_rows:
-        v = votes.select(["image_id", "wnid", "worker", "answer", "lead_time_s"]).to_pandas()
-        per_wnid = v.groupby("wnid").agg(n_votes=("answer", "size"), seconds=("lead_time_s", "sum"))
+        # Votes as QC counts them (one per worker and pair, `pipeline.qc.team`): a repeat is paid for but not used,
+        # so it is shown apart and left out of votes per image; worker-seconds are every pulled vote's time.
+        v = votes.select(["annotation_id", "image_id", "wnid", "worker", "answer", "lead_time_s",
+                          "submitted_at"]).to_pandas()
+        used = counted_votes(v)
+        vote_counts = vote_accounting(v)
+        per_wnid = used.groupby("wnid").agg(n_votes=("answer", "size"))
+        seconds = v.groupby("wnid").lead_time_s.sum()
         n_acc = per["images"].replace(0, np.nan)
         per["votes_per_image"] = per_wnid.n_votes.reindex(per.index) / n_acc
-        per["seconds_per_image"] = per_wnid.seconds.reindex(per.index) / n_acc
-        cost["votes"] = {"n_votes": len(v), "worker_seconds": float(v.lead_time_s.sum()),
+        per["seconds_per_image"] = seconds.reindex(per.index) / n_acc
+        repeats = vote_counts[vote_counts.n_repeats > 0]
+        cost["votes"] = {"n_votes": len(used), "n_pulled": len(v), "n_repeats": len(v) - len(used),
+                         "workers_with_repeats": len(repeats),
+                         "repeat_seconds": float(v.lead_time_s.sum() - used.lead_time_s.sum()),
+                         "worker_seconds": float(v.lead_time_s.sum()),
                          "accepted_images": len(accepted_ids),
-                         "votes_per_image": len(v) / max(len(accepted_ids), 1),
+                         "votes_per_image": len(used) / max(len(accepted_ids), 1),
                          "seconds_per_image": float(v.lead_time_s.sum()) / max(len(accepted_ids), 1),
-                         "share_on_released_images": float(v.image_id.isin(accepted_ids).mean())}
+                         "share_on_released_images": float(used.image_id.isin(accepted_ids).mean())}
     answers = _optional(store, "box_answers")
     if answers is not None and answers.num_rows and len(boxes):
         a = answers.select(["kind", "lead_time_s"]).to_pandas()
@@ -125,7 +139,7 @@ def collect(store: Store, version: str, *, thumbs_per_class: int = 8, max_thumb_
     thumbs = _thumbnails(store, prim, images, thumbs_per_class, max_thumb_classes)
     licenses, sources, attribution = _provenance(store, images)
     return ReportData(manifest, per.reset_index(), cost, _workers(store, votes), rejected, thumbs, licenses,
-                      sources, attribution)
+                      sources, attribution, vote_counts)
 
 
 def _workers(store: Store, votes: pa.Table | None) -> pd.DataFrame | None:
@@ -143,7 +157,8 @@ def _workers(store: Store, votes: pa.Table | None) -> pd.DataFrame | None:
         # agreement of each worker with the final label (accepted -> yes, rejected -> no)
         lab = store.read_table("labels").select(["image_id", "wnid", "status"]).to_pandas()
         lab = lab[lab.status.isin(["accepted", "rejected"])]
-        v = votes.select(["image_id", "wnid", "worker", "answer"]).to_pandas().merge(lab, on=["image_id", "wnid"])
+        v = counted_votes(votes.select(["annotation_id", "image_id", "wnid", "worker", "answer",
+                                        "submitted_at"]).to_pandas()).merge(lab, on=["image_id", "wnid"])
         v["agree"] = (v.answer == "yes") == (v.status == "accepted")
         return v.groupby("worker").agg(n_votes=("agree", "size"), agreement=("agree", "mean")).reset_index()
     return None

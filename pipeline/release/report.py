@@ -1,8 +1,9 @@
 """report.html for a release: one self-contained file (inline CSS, inline SVG plots drawn by matplotlib,
 JPEG thumbnails as data URIs; no script, nothing fetched).
 
-Sections: release facts, split sizes, images per class (by split) and estimated precision, label cost (votes
-and worker-seconds per accepted image and per box), worker quality, sources and licenses, rejected
+Sections: release facts, split sizes, images per class (by split) and estimated precision, label cost (votes QC
+counted and worker-seconds per accepted image, repeats QC ignored apart, and per box), worker quality (with votes
+per worker as QC counts them), sources and licenses, rejected
 candidates by reason, and a thumbnail grid per class; the dataset card (card.md) is written beside it.
 Classes are always shown as their wnid with the synset name. The facts come from `pipeline.release.facts`;
 a table the store lacks, or a plot with nothing to draw, is said in words instead ("no data").
@@ -82,6 +83,14 @@ def _workers_section(d: ReportData) -> list[str]:
         return ["<p class='nodata'>No data (no workers or votes table in the store).</p>"]
     measures = [c for c in WORKER_MEASURES if c in w]
     s.append(f"<p>{len(w)} workers.</p>")
+    counts = d.vote_counts
+    if counts is not None and len(counts):
+        q = counts[["n_votes", "n_repeats"]].describe().loc[["count", "mean", "min", "50%", "max"]]
+        s.append("<p>Votes per worker, as QC counts them (the same numbers as the QC <code>workers</code> table and "
+                 f"<code>synsetforge crowd status</code>): {int(counts.n_votes.sum())} counted, "
+                 f"{int(counts.n_repeats.sum())} repeats ignored.</p>")
+        s.append(_table(q.reset_index().rename(columns={"index": "statistic", "n_votes": "votes counted",
+                                                        "n_repeats": "repeats ignored"})))
     stats = []
     for col in measures:
         values = pd.to_numeric(w[col], errors="coerce").to_numpy(dtype=float)
@@ -153,12 +162,20 @@ def render_html(d: ReportData) -> str:
     s.append("<h2 id='cost'>Label cost</h2>")
     if d.cost["votes"]:
         v = d.cost["votes"]
+        s.append("<p>Votes are counted as QC counts them: one per worker and (image, synset) pair, the latest "
+                 "answer. A repeat (a worker answering a pair again) was paid for but is not used; it is shown apart "
+                 "and left out of the votes per image. Worker-seconds are every pulled answer's time.</p>")
         s.append(_table(pd.DataFrame([
-            ("verification votes", v["n_votes"]), ("worker-seconds", round(v["worker_seconds"], 1)),
+            ("verification votes QC counted", v["n_votes"]),
+            ("repeats QC ignored", v.get("n_repeats", 0)),
+            ("workers with repeats", v.get("workers_with_repeats", 0)),
+            ("votes pulled (counted + repeats)", v.get("n_pulled", v["n_votes"])),
+            ("worker-seconds", round(v["worker_seconds"], 1)),
+            ("of which on repeats", round(v.get("repeat_seconds", 0.0), 1)),
             ("accepted images in release", v["accepted_images"]),
             ("votes per accepted image", round(v["votes_per_image"], 3)),
             ("worker-seconds per accepted image", round(v["seconds_per_image"], 2)),
-            ("share of votes on released images", round(v["share_on_released_images"], 3))],
+            ("share of counted votes on released images", round(v["share_on_released_images"], 3))],
             columns=["verification", "value"])))
     else:
         s.append("<p class='nodata'>Verification cost: no data (no votes table in the store).</p>")

@@ -265,11 +265,18 @@ def cmd_invite(args: argparse.Namespace, settings: Any) -> int:
             invite_link(client, base, reset=True)
     except CrowdError as exc:
         raise _user_error(str(exc)) from None
-    print(f"log in at {base.rstrip('/')}/user/login/ (printed once, kept nowhere; Label Studio's open-source edition "
-          "has no page for changing it, the admin can set a new one at /admin/):")
+    from crowd.pull import pseudonym
+
+    key = settings.crowd.pseudonym_key.get_secret_value().encode() if settings.crowd.pseudonym_key else None
+    print(f"log in at {base.rstrip('/')}/user/login/ (passwords are printed once and kept nowhere; Label Studio's "
+          "open-source edition has no page for changing one, the admin can set a new one at /admin/):")
     for email, uid, password in made:
-        print(f"  {email}   password {password}   (account {uid})" if password else
-              f"  {email}   already has an account ({uid}); its password is unchanged")
+        who = f"   pseudonym {pseudonym(email, key)}" if key else ""
+        print(f"  {email}   password {password}   (account {uid}){who}" if password else
+              f"  {email}   already has an account ({uid}); its password is unchanged{who}")
+    if key:
+        print("the pseudonyms are what votes, QC and `crowd workers` call them; list them in qc.team to tell QC who "
+              "the team is")
     return 0
 
 

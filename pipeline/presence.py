@@ -953,8 +953,8 @@ def det_pool(store: Any, policy: Any = None, gold: pd.DataFrame | None = None) -
     policy = policy or det_settings(None)
     images = store.read_table("images", columns=["image_id", "status"], missing_ok=True).to_pandas()
     ids = set(images.loc[(images["status"] == "accepted") & images["image_id"].notna(), "image_id"])
-    if gold is not None and len(gold):
-        ids -= set(gold["image_id"])
+    if gold is not None and len(gold):  # expert control images are controls only; crowd-built ones stay
+        ids -= set(gold.loc[gold["source"] != CROWD, "image_id"]) if "source" in gold else set(gold["image_id"])
     ordered = sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())
     return ordered[: policy.max_images] if policy.max_images else ordered
 
@@ -996,6 +996,98 @@ def summarize(images: pd.DataFrame, labels: pd.DataFrame | None = None) -> dict[
         "worker_seconds_per_image": float(images["worker_seconds"].mean()) if n else None,
         "pending_pairs": int((labels["status"] == "pending").sum()) if labels is not None and len(labels) else 0,
     }
+
+
+# ------------------------------------------------------------------------------------------------ controls
+EXPERT, CROWD = "expert", "crowd"
+GOLD_COLUMNS = ["image_id", "node_id", "answer", "source"]
+
+
+class PresenceGoldError(UserError):
+    """The presence gold seed file is missing or malformed; the message names the file and the rows."""
+
+
+def read_presence_seed(path: str | Any, tree: QuestionTree) -> pd.DataFrame:
+    """Expert-annotated control images (CSV or Parquet: image_id, node_id or wnid, answer yes/no). Every node the
+    tree implies is filled in: a yes answers the node's ancestors, a no the nodes below it."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise PresenceGoldError(f"presence gold seed file {p} does not exist; fix det.gold_seed_file or unset it")
+    try:
+        df = pd.read_parquet(p) if p.suffix in (".parquet", ".pq") else pd.read_csv(p, dtype=str)
+    except Exception as exc:  # noqa: BLE001 - pandas raises many types for a bad file
+        raise PresenceGoldError(f"presence gold seed file {p} is not readable: {exc}") from None
+    if "node_id" not in df.columns and "wnid" in df.columns:
+        df = df.rename(columns={"wnid": "node_id"})
+    missing = [c for c in ("image_id", "node_id", "answer") if c not in df.columns]
+    if missing:
+        raise PresenceGoldError(f"presence gold seed file {p} lacks column(s) {missing}; give image_id, node_id "
+                                "(or wnid) and answer (yes/no)")
+    answer = df["answer"].astype(str).str.strip().str.lower()
+    bad = df[~answer.isin(["yes", "no"]) | ~df["node_id"].isin(tree.index)]
+    if len(bad):
+        raise PresenceGoldError(f"presence gold seed file {p}: {len(bad)} row(s) with an answer other than yes/no or a "
+                                f"node the DET tree does not have (first lines: {[int(i) + 2 for i in bad.index[:5]]})")
+    rows = []
+    for image_id, g in df.assign(answer=answer).groupby("image_id", sort=True):
+        acc = [tree.index[n] for n in g.loc[g["answer"] == "yes", "node_id"]]
+        rej = [tree.index[n] for n in g.loc[g["answer"] == "no", "node_id"]]
+        st = state_from_decisions(tree, acc, rej)
+        rows += [{"image_id": image_id, "node_id": tree.ids[n], "answer": "yes" if st.known[n] == YES else "no",
+                  "source": EXPERT} for n in np.flatnonzero(st.known != UNKNOWN)]
+    return pd.DataFrame(rows, columns=GOLD_COLUMNS)
+
+
+def crowd_gold(tree: QuestionTree, images: pd.DataFrame, labels: pd.DataFrame, *, n_images: int,
+               min_yes: int = 3, min_confidence: float = 0.999, reject_bf: float = 1e-4) -> pd.DataFrame:
+    """Controls from the crowd's own confident results: fully annotated images whose every asked node was decided
+    with strong evidence (present: `min_yes` yes answers and P >= `min_confidence`; absent: Bayes factor <=
+    `reject_bf`), every node answered as the image's final state says; the first `n_images` in a hashed order."""
+    import hashlib
+
+    if not len(images) or not len(labels) or n_images <= 0:
+        return pd.DataFrame(columns=GOLD_COLUMNS)
+    strong = np.where(labels["status"] == "accepted",
+                      (labels["n_yes"] >= min_yes) & (labels["confidence"] >= min_confidence),
+                      (labels["status"] == "rejected") & (labels["bayes_factor"] <= reject_bf))
+    weak = set(labels.loc[~strong.astype(bool), "image_id"])
+    done = images[(images["state"] == "done") & ~images["image_id"].isin(weak)]
+    ids = sorted(done["image_id"], key=lambda i: hashlib.sha256(f"gold|{i}".encode()).hexdigest())[:n_images]
+    by = labels[labels["image_id"].isin(set(ids))]
+    rows = []
+    for image_id, g in by.groupby("image_id", sort=True):
+        st = state_from_decisions(tree, [tree.index[n] for n in g.loc[g["status"] == "accepted", "node_id"]],
+                                  [tree.index[n] for n in g.loc[g["status"] == "rejected", "node_id"]])
+        rows += [{"image_id": image_id, "node_id": tree.ids[n], "answer": "yes" if st.known[n] == YES else "no",
+                  "source": CROWD} for n in range(len(tree))]
+    return pd.DataFrame(rows, columns=GOLD_COLUMNS)
+
+
+def refresh_presence_gold(store: Any, settings: Any = None, *, crowd_images: int = 10) -> dict[str, Any]:
+    """Rebuild `presence_gold`: the expert seed file (det.gold_seed_file; its images are controls only, never
+    dataset images) and up to `crowd_images` of the crowd's confidently annotated images (they stay in the
+    dataset). Controls already in the table stay (a control's answers do not change under the workers' feet)."""
+    tree = read_tree(store)
+    policy = det_settings(settings)
+    prev = store.read_table("presence_gold", missing_ok=True).to_pandas()
+    parts = [prev] if len(prev) else []
+    if policy.gold_seed_file:
+        parts.append(read_presence_seed(policy.gold_seed_file, tree))
+    have = set(prev.loc[prev["source"] == CROWD, "image_id"]) if len(prev) else set()
+    if len(have) < crowd_images:
+        images = store.read_table("det_images", missing_ok=True).to_pandas()
+        labels = store.read_table("presence_labels", missing_ok=True).to_pandas()
+        new = crowd_gold(tree, images[~images["image_id"].isin(have)] if len(images) else images, labels,
+                         n_images=crowd_images - len(have))
+        parts.append(new)
+    gold = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=GOLD_COLUMNS)
+    gold = gold.drop_duplicates(["image_id", "node_id"], keep="first").sort_values(["image_id", "node_id"])
+    store.write_table("presence_gold", gold.reset_index(drop=True))
+    return {"controls": len(gold), "images": int(gold["image_id"].nunique()),
+            "expert_images": int(gold.loc[gold["source"] == EXPERT, "image_id"].nunique()),
+            "crowd_images": int(gold.loc[gold["source"] == CROWD, "image_id"].nunique())}
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -1042,6 +1134,15 @@ def _cmd_status(args: Any, settings: Any) -> int:
     return 0
 
 
+def _cmd_gold(args: Any, settings: Any) -> int:
+    from pipeline.store import store_from_settings
+
+    out = refresh_presence_gold(store_from_settings(settings), settings, crowd_images=args.crowd_images)
+    print(f"presence_gold: {out['controls']} controls on {out['images']} images ({out['expert_images']} expert, "
+          f"{out['crowd_images']} from the crowd's results)")
+    return 0
+
+
 def _cmd_release(args: Any, settings: Any) -> int:
     import json
 
@@ -1069,6 +1170,10 @@ def register_cli(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_status)
     p = sub.add_parser("plan", help="replay the presence tables: QC, image states, the next questions")
     p.set_defaults(func=_cmd_plan)
+    p = sub.add_parser("gold", help="rebuild presence_gold: the expert seed file (det.gold_seed_file) and the "
+                       "crowd's confidently annotated images")
+    p.add_argument("--crowd-images", type=int, default=10, help="images taken from the crowd's results (default 10)")
+    p.set_defaults(func=_cmd_gold)
     p = sub.add_parser("release", help="build a DET release: fully annotated images with the boxes of every "
                        "present class (devkit export: `release export --format devkit`)")
     p.add_argument("--version", required=True)

@@ -331,10 +331,14 @@ def cmd_loop(args: argparse.Namespace, settings: Any) -> int:
     try:
         print(f"crowd loop: pull -> qc -> push every {args.interval:g} s on {store.url} (kind {args.kind}, "
               f"Label Studio {client.url}); Ctrl-C stops it", flush=True)
+        told = None
         while not stop.is_set():
             rounds += 1
-            line = loop_round(client, store, settings, args.kind, method=args.method, stop=stop)
-            print(f"round {rounds} ({datetime.now().strftime('%H:%M:%S')}): {line}", flush=True)
+            said = loop_round(client, store, settings, args.kind, method=args.method, stop=stop)
+            print(f"round {rounds} ({datetime.now().strftime('%H:%M:%S')}): {said['line']}", flush=True)
+            if said["team"] and said["team"] != told:  # the team's situation, when it changes
+                print(f"  {said['team']}", flush=True)
+                told = said["team"]
             if args.rounds and rounds >= args.rounds:
                 break
             stop.wait(args.interval)
@@ -348,9 +352,10 @@ def cmd_loop(args: argparse.Namespace, settings: Any) -> int:
 
 
 def loop_round(client: CrowdClient, store: Any, settings: Any, kind: str, *, method: str | None = None,
-               stop: Any = None) -> str:
-    """One round of the crowd loop (the crowd DAG's tasks in order); returns what happened, in words. Between steps
-    it returns early once `stop` (a threading.Event) is set."""
+               stop: Any = None) -> dict[str, str | None]:
+    """One round of the crowd loop (the crowd DAG's tasks in order); returns what happened in words (`line`) and the
+    team's situation (`team`, QC's team_note). Between steps it returns early once `stop` (a threading.Event) is
+    set."""
     from crowd.gold import refresh_gold
     from crowd.provision import cors_origin, ensure_bucket_cors, image_dir_of, provision
     from crowd.pull import pull
@@ -358,18 +363,24 @@ def loop_round(client: CrowdClient, store: Any, settings: Any, kind: str, *, met
     from crowd.status import block_flagged
     from pipeline.qc.stage import run_qc
 
-    said = []
+    said: list[str] = []
+    out: dict[str, str | None] = {"line": "", "team": None}
+
+    def done() -> dict[str, str | None]:
+        out["line"] = "; ".join(said)
+        return out
+
     ids = project_ids(client, settings, [kind])
     pulled = pull(store, client, settings, project_ids=ids) if ids else {"new_votes": 0, "total_votes": 0}
     said.append(f"pulled {pulled['new_votes']} new vote(s) ({pulled['total_votes']} in all)")
     if stop is not None and stop.is_set():
-        return "; ".join(said)
+        return done()
     qc = run_qc(store, settings, method=method)
     said.append(f"qc: {qc['pairs']} pair(s), {qc['accepted']} accepted, {qc['rejected']} rejected, {qc['pending']} "
                 f"pending; {qc['push_pairs']} pair(s) to ask ({qc['push_votes']} vote(s))")
-    said.append(qc["team_note"])
+    out["team"] = qc.get("team_note")
     if stop is not None and stop.is_set():
-        return "; ".join(said)
+        return done()
     gold = refresh_gold(store, settings, grow=qc["push_pairs"] > 0)
     if gold.get("added") or gold.get("dropped"):
         said.append(f"gold: {gold['gold']} control(s) ({gold['added']} added, {gold['dropped']} dropped)")
@@ -378,16 +389,18 @@ def loop_round(client: CrowdClient, store: Any, settings: Any, kind: str, *, met
         if blocked["blocked"]:
             said.append(f"blocked {len(blocked['blocked'])} flagged worker(s)")
     if stop is not None and stop.is_set():
-        return "; ".join(said)
+        return done()
     if qc["push_pairs"]:
         pid = provision(client, settings, kinds=[kind], image_dir=image_dir_of(store))[kind]
         ensure_bucket_cors(store, cors_origin(settings, client))
         ensure_instructions(client, store, settings, pid, kind)
         pushed = push(store, client, settings, project_id=pid, kind=kind)
-        said.append(f"pushed {pushed['pushed']} task(s) ({pushed['gold']} gold)")
+        said.append(f"pushed {pushed['pushed']} task(s) ({pushed['gold']} gold)" if pushed["pushed"] else
+                    "pushed nothing new: the pairs QC asks about are still open in Label Studio")
     else:
-        said.append("nothing to push" + (": settled" if not qc["needs_new_annotator"] else ""))
-    return "; ".join(said)
+        said.append("nothing to push: settled" if not qc.get("needs_new_annotator") else
+                    "nothing to push: settled for this team (see the pairs that need a new annotator)")
+    return done()
 
 
 def cmd_boxes_sync(args: argparse.Namespace, settings: Any) -> int:

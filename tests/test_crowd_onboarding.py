@@ -355,6 +355,7 @@ def test_crowd_loop_runs_rounds_and_stops_cleanly_on_ctrl_c(labelstudio, artifac
     seen: list[str] = []
     try:
         first = _read_until(proc, r"^round 1 ", 240, seen)
+        team = _read_until(proc, r"^  team: ", 30, seen)
         _read_until(proc, r"^round 2 ", 120, seen)  # it goes on by itself
     finally:
         proc.send_signal(signal.SIGINT)
@@ -364,7 +365,7 @@ def test_crowd_loop_runs_rounds_and_stops_cleanly_on_ctrl_c(labelstudio, artifac
     assert rc == 0, (seen, rest)
     assert "crowd loop stopped after" in rest or any("crowd loop stopped after" in ln for ln in seen)
     assert "Traceback" not in rest and "interrupted" not in rest
-    assert "pushed 5 task(s)" in first and "team unknown until the first votes" in first
+    assert "pushed 5 task(s)" in first and "team unknown until the first votes" in team
     assert len(store.read_table("tasks")) == 5  # the second round pushed nothing twice
     proj = ls.admin().get_json(f"/api/projects/{find_project(ls.admin(), f'{prefix} verify')['id']}/")
     assert proj["show_instruction"] and SYNSETS[0]["gloss"] in proj["expert_instruction"]

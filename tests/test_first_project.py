@@ -5,9 +5,11 @@ and the commands a user types: vocab -> collect -> ingest -> crowd invite -> cro
 Ctrl-C) -> crowd status -> release plan / build / export.
 
 With two annotators QC can tell who is right on a disagreement only from controls, so the engineer gives a gold seed
-file (one known positive per synset and six cross-synset known negatives, which cost no label) and the config a new
-team needs (`qc.team`, `qc.min_votes_to_flag = 10`, `crowd.gold_rate = 0.4`). The careless annotator's answers are a
-fixed pseudo-random draw per pair (a hash of the pair), so the run is the same every time.
+file (one known positive per synset and four cross-synset known negatives, which cost no label; gold adds two more
+from the positives) and the config a new team needs (`qc.team`, `qc.min_votes_to_flag = 10`, `crowd.gold_rate =
+0.4`). The careless annotator's answers are a fixed pseudo-random draw per pair (a hash of the pair), so the run is
+the same every time. (Offline, QC run on these pairs and controls for 41 draws of the careless answers rejected all
+three misfiled photos every time and never decided a pair wrongly; some draws leave true photos pending.)
 
 Checked: every misfiled photo rejected and none accepted; no true photo rejected; the pairs the two could not settle
 at the usual bar decided at the small-team bar (labels.method .../small-team) or left pending as needs_new_annotator;
@@ -275,10 +277,11 @@ test_per_class = 0.2
     image_of = {Path(u).name: i for u, i in zip(images["first_url"], images["image_id"], strict=True)}
     cls = {image_of[n]: t["class"] for n, t in truth.items()}
 
-    # 2. the engineer's known answers: one known positive per synset, six cross-synset known negatives
+    # 2. the engineer's known answers: one known positive per synset, four cross-synset known negatives (gold adds
+    # two more itself: each known positive asked about the synset of the other subtree)
     known = [("cat-whole.jpg", TABBY, "yes"), ("cup-whole.jpg", ESPRESSO, "yes")]
-    known += [(n, ESPRESSO, "no") for n in ("cat-face.jpg", "cat-ear.jpg", "cat-paws.jpg")]
-    known += [(n, TABBY, "no") for n in ("cup-crema.jpg", "cup-table.jpg", "cup-mirrored.jpg")]
+    known += [(n, ESPRESSO, "no") for n in ("cat-face.jpg", "cat-ear.jpg")]
+    known += [(n, TABBY, "no") for n in ("cup-crema.jpg", "cup-table.jpg")]
     pd.DataFrame([{"url": (photos / truth[n]["folder"] / n).as_uri(), "wnid": w, "answer": a} for n, w, a in known]
                  ).to_csv(work / "known.csv", index=False)
 
@@ -303,6 +306,9 @@ test_per_class = 0.2
         pid = int(find_project(admin, f"{prefix} verify")["id"])
         tasks = store.read_table("tasks").to_pandas()
         assert len(tasks) == 22 and int(tasks["is_gold"].sum()) == 8
+        gold_table = store.read_table("gold").to_pandas()
+        assert {(r.image_id, r.wnid) for r in gold_table.itertuples()} >= {
+            (image_of["cat-whole.jpg"], ESPRESSO), (image_of["cup-whole.jpg"], TABBY)}  # built from the positives
 
         def right(image_id: str, wnid: str) -> str:
             return "yes" if cls[image_id] == wnid else "no"
@@ -313,12 +319,12 @@ test_per_class = 0.2
         shots = artifacts_dir
         annotate(ls.url, careful, accounts[careful], pid, admin, 22, right, keys=True, shots=shots)
         annotate(ls.url, careless, accounts[careless], pid, admin, 22, at_random, keys=False)
-        last = loop.wait_for(r"\(44 in all\)", 300)
+        loop.wait_for(r"\(44 in all\)", 300)
+        loop.wait_for(r"^  team: .*decided at the small-team bar", 120)  # the round after the last votes says so
     finally:
         rc = loop.interrupt()
     assert rc == 0 and any("crowd loop stopped after" in ln for ln in loop.lines), loop.lines[-10:]
     assert "Traceback" not in "\n".join(loop.lines)
-    assert "team: " in last
 
     # 5. the labels: every misfiled photo rejected, no true photo rejected
     labels = store.read_table("labels").to_pandas()

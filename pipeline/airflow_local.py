@@ -3,7 +3,8 @@
 Used by `make demo`, the tests and `synsetforge airflow up`. Airflow reads its configuration when it is first
 imported, so `use_home()` must run before anything imports airflow. The stack (`start_stack`) is the one a data
 engineer sees: api-server, scheduler (LocalExecutor) and dag-processor as separate processes on 127.0.0.1, each
-in its own process group and stopped by PID.
+in its own process group and stopped by PID. `pipeline.celery_stack` starts the same stack on the CeleryExecutor
+(PostgreSQL, Redis, Celery workers); `synsetforge airflow up --executor celery` runs that one.
 """
 
 from __future__ import annotations

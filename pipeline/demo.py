@@ -270,7 +270,8 @@ def boxes(store: Any, settings: Any, server: Any, corpus: Corpus, links: pd.Data
         if replay.actions.empty and s["waiting"] == 0:
             print(line + " -> done", flush=True)
             break
-        projects = {k: int(find_project(admin, project_title(settings.crowd.project_prefix, k))["id"]) for k in CONFIGS}
+        found = {k: find_project(admin, project_title(settings.crowd.project_prefix, k)) for k in CONFIGS}
+        projects = {k: int(p["id"]) for k, p in found.items() if p is not None}  # the kinds this loop provisioned
         n = sum(work_boxes(workers, projects, truth, seed=rnd).values())
         answers += n
         print(f"{line}; workers answered {n}", flush=True)

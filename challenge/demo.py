@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from challenge.boards import build_board
+from challenge.boards import build_board, snapshot
 from challenge.db import utcnow
 from challenge.service import open_service
 from pipeline.release.build import build_release
@@ -79,6 +79,8 @@ def open_demo_challenge(store: LocalStore, parent: str, workdir: Path) -> dict[s
     print(f"  demo team: submission {r.submission_id}, public error {r.shown_score}; "
           f"{min(w.left for w in r.quota)} submission(s) left this week")
     print("  " + build_board(svc, SLUG).text().replace("\n", "\n  "))
+    board = snapshot(svc, SLUG)
     db = Path(store.root) / "challenge" / "challenge.db"
     print(f"  serve it: .venv/bin/synsetforge --store {store.root} challenge serve   (team token: {token})")
-    return {"challenge": SLUG, "release": version, "db": str(db)}
+    return {"challenge": SLUG, "release": version, "db": str(db), "leaderboard": f"{store.root}/{board['key']}",
+            "serve": f".venv/bin/synsetforge --store {store.root} challenge serve"}

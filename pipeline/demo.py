@@ -398,13 +398,14 @@ def main(argv: list[str] | None = None) -> int:
         step("challenge: test labels hidden, an organisers' baseline and one team on a leaderboard with intervals")
         from challenge.demo import open_demo_challenge
 
-        open_demo_challenge(store, VERSION, workdir)
+        board = open_demo_challenge(store, VERSION, workdir)
 
         step("done")
         print(f"store (all tables):  {store_dir}")
         print(f"release:             {out['release']}")
         print(f"report:              {out['report']}")
         print(f"dataset card:        {out['card']}")
+        print(f"leaderboard:         {board['leaderboard']}  (pages: {board['serve']})")
         print(f"Label Studio:        {server.url}   user {server.username}   password {server.password}")
         print("                     (projects 'synsetforge verify' and 'synsetforge box-*'; annotate by hand there)")
         print(LIVE_HOWTO)

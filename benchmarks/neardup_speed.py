@@ -66,7 +66,7 @@ def run_method(method: str, n: int, radius: int) -> dict:
         pairs = np.concatenate([old, inner])
         data_n = n
         plan = (f"{idx.m} chunks, {idx.k} equal; segment sizes after the add: "
-                f"{[len(s.hashes) for s in idx._segments]} (one segment per size class: the earlier one was not re-sorted)")
+                f"{[len(s) for s in idx._segments]} (one segment per size class: the earlier one was not re-sorted)")
     elif method == "bruteforce_numpy":
         x = h[:sub]
         out = []

@@ -388,7 +388,9 @@ def refresh_gold(store: Any, settings: Any, *, grow: bool = True) -> dict[str, A
                 "added": 0, "dropped": 0, "frozen": True,
                 "note": "QC has nothing left to ask: gold is left as it is, so the labels published hold no control"}
     images = _table(store, "images")
-    links = _table(store, "image_links")
+    from pipeline.ingest.stage import latest_links
+
+    links = latest_links(_table(store, "image_links"))  # the current version of each link (ingest appends versions)
     stored = set(images.loc[images["image_id"].notna() & images["storage_key"].notna(), "image_id"]) if len(images) else set()
     seed, unknown = (read_seed(cs.gold_seed_file, images, links) if cs.gold_seed_file else (empty_gold(), 0))
     synsets = _table(store, "synsets")

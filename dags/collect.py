@@ -41,6 +41,7 @@ def _settings(params):
     **DAG_DEFAULTS,
     tags=["synsetforge"],
     max_active_tasks=4,
+    max_active_runs=1,  # one ingest merge at a time: each commits the next near-duplicate index generation
     params={
         "sources": Param([], type="array", description="openverse, wikimedia, flickr, url_list, local_dir, s3_prefix"),
         "per_synset_budget": Param(None, type=["null", "integer"], minimum=1, description="candidates per synset"),

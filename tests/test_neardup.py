@@ -87,10 +87,10 @@ def test_incremental_add_equals_one_shot_and_keeps_segments() -> None:
     h, _ = _random_hashes(3000, 400, 6, seed=1)
     idx = HammingIndex(6, n_hint=3000)
     idx.add(h[:2500])
-    before = [s.keys[0] for s in idx._segments]
+    before = [s.values for s in idx._segments]
     ids, old_pairs, inner = idx.add_and_query(h[2500:])
     assert ids.tolist() == list(range(2500, 3000))
-    assert idx._segments[0].keys[0] is before[0]  # the 2500-hash segment was not rebuilt
+    assert idx._segments[0].values is before[0]  # the 2500-hash segment was not rebuilt
     assert len(idx._segments) == 2
     expect = _brute(h, 6)
     cross = {tuple(sorted(p)) for p in old_pairs.tolist()}

@@ -1,5 +1,7 @@
-"""`synsetforge ingest`: download, validate and store every unsettled candidate; print accepted / rejected by
-reason / duplicates. Interrupt it at any time: rerunning the same command resumes."""
+"""`synsetforge ingest`: download, validate and store every unsettled candidate; print what this run merged
+(accepted / rejected by reason / duplicates, links written, near-duplicate pairs found). Interrupt it at any time:
+rerunning the same command resumes. `--rebuild-index` rebuilds the near-duplicate index and the images, near_pairs and
+image_links tables from everything stored (recovery; nothing is fetched)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ def summary_rows(summary: dict[str, Any]) -> list[list[Any]]:
         ["accepted", summary.get("accepted", 0)],
         ["duplicates (exact)", summary.get("duplicates", 0)],
         ["near duplicates", summary.get("near_duplicates", 0)],
+        ["near-duplicate pairs found", summary.get("near_pairs", 0)],
         ["images in several synsets", summary.get("multi_synset_images", 0)],
         ["rejected", sum(summary.get("rejected", {}).values())],
     ]
@@ -36,6 +39,18 @@ def cmd_ingest(args: argparse.Namespace, settings: Any) -> int:
     if args.local_dir:  # file:// candidates are read only under this root
         settings.collect.local_dir = args.local_dir
     store = store_from_settings(settings)
+    if args.rebuild_index:
+        from pipeline.ingest.stage import merge_ingest
+
+        summary = merge_ingest(store, rebuild=True)
+        if args.json:
+            print(json.dumps(summary, indent=2, default=str))
+        else:
+            print(tabulate(summary_rows(summary), headers=["rebuilt", "count"], tablefmt="github"))
+            index = summary["index"]
+            print(f"near-duplicate index generation {index['generation']}: {index['images']} images in "
+                  f"{index['segments']} segment(s)")
+        return 0
     bar = tqdm(desc="ingest", unit="url", disable=args.no_progress or not sys.stderr.isatty(), file=sys.stderr)
     stats = {"ok": 0, "bad": 0}
 
@@ -72,6 +87,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--retry-rejected", nargs="*", metavar="REASON",
                    help="fetch again URLs rejected before: all of them, or only these reasons (e.g. decode_error); "
                    "refusals by the configuration (outside_local_root, blocked_address, ...) are always retried")
+    p.add_argument("--rebuild-index", action="store_true", dest="rebuild_index",
+                   help="rebuild the near-duplicate index, near_pairs and image_links (and settle images to one row "
+                   "per URL) from everything stored, fetching nothing: recovery after a lost or damaged index")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_ingest)

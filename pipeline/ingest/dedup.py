@@ -45,6 +45,36 @@ def exact_duplicates(images: Any) -> pd.DataFrame:
     return out[["first_url", "image_id", "canonical_url"]].sort_values("first_url").reset_index(drop=True)
 
 
+def groups_from_pairs(image_ids: Any, pairs: Any) -> pd.DataFrame:
+    """Connected components of `pairs` (columns image_id_a / image_id_b, or image_id / other_image_id) over the
+    images `image_ids`: DataFrame[image_id, group_id], group_id = the smallest image_id of the component; an image
+    in no pair is its own group. Pairs naming an image outside `image_ids` add it.
+
+    >>> groups_from_pairs(["c", "a", "b", "d"], pd.DataFrame({"image_id_a": ["b", "c"], "image_id_b": ["c", "d"]})
+    ...                   ).values.tolist()
+    [['a', 'a'], ['b', 'b'], ['c', 'b'], ['d', 'b']]
+    """
+    if isinstance(pairs, pa.Table):
+        pairs = pairs.to_pandas()
+    cols = ["image_id_a", "image_id_b"] if "image_id_a" in pairs.columns else ["image_id", "other_image_id"]
+    a = pairs[cols[0]].to_numpy(dtype=object)
+    b = pairs[cols[1]].to_numpy(dtype=object)
+    given = pd.Series(image_ids, dtype=object).dropna().to_numpy(dtype=object)
+    ids = np.unique(np.concatenate([given, a, b])) if len(a) else np.unique(given)
+    if not len(ids):
+        return pd.DataFrame({"image_id": pd.Series(dtype=object), "group_id": pd.Series(dtype=object)})
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ia, ib = np.searchsorted(ids, a), np.searchsorted(ids, b)
+    graph = coo_matrix((np.ones(len(ia), dtype=np.int8), (ia, ib)), shape=(len(ids), len(ids)))
+    _, label = connected_components(graph, directed=False)
+    # ids are sorted, so a component's first position is its smallest id
+    first = np.full(label.max() + 1 if len(label) else 0, len(ids), dtype=np.int64)
+    np.minimum.at(first, label, np.arange(len(ids)))
+    return pd.DataFrame({"image_id": ids, "group_id": ids[first[label]]})
+
+
 def near_duplicate_groups(images: Any, radius: int = DEFAULT_RADIUS,
                           max_thumb_dist: float = DEFAULT_MAX_THUMB_DIST) -> pd.DataFrame:
     """Connected components of verified near-duplicate pairs: DataFrame[image_id, group_id].
@@ -52,23 +82,7 @@ def near_duplicate_groups(images: Any, radius: int = DEFAULT_RADIUS,
     group_id is the smallest image_id of the component; images without a near-duplicate are their own group.
     """
     df = _df(images, "images", ["image_id"])
-    ids = np.sort(df["image_id"].dropna().unique())
-    pairs = near_duplicate_pairs(df, radius, max_thumb_dist)
-    parent = np.arange(len(ids))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    pos = {v: i for i, v in enumerate(ids)}
-    for a, b in pairs[["image_id", "other_image_id"]].itertuples(index=False):
-        ra, rb = find(pos[a]), find(pos[b])
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)  # the smallest index (= smallest id) stays the root
-    roots = np.array([find(i) for i in range(len(ids))], dtype=np.int64)
-    return pd.DataFrame({"image_id": ids, "group_id": ids[roots] if len(ids) else ids})
+    return groups_from_pairs(df["image_id"].dropna().unique(), near_duplicate_pairs(df, radius, max_thumb_dist))
 
 
 def dedup_within_synset(links: Any, images: Any, radius: int = DEFAULT_RADIUS,

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/boxes_sim.py --images 3000            # in-process, large
     .venv/bin/python benchmarks/boxes_sim.py --images 0 --server 6    # real Label Studio, small
+    .venv/bin/python benchmarks/boxes_sim.py --images 3000 --det      # + extreme clicking (the DET box kind)
 
 In-process rows run pipeline.boxes.plan (the state machine the real loop uses) with simulated workers
 (crowd/simulate_boxes.py); the baselines are what a drawing service without verification delivers with the
@@ -9,6 +10,11 @@ same workers: one drawer per object, or three drawers per object consolidated by
 (both told how many objects there are, which the loop has to find out through coverage votes). The
 real-server row runs the same loop through Label Studio (push, next-task, submit, export, pull).
 Worker-seconds are simulated (assumed medians: draw 25 s, quality 9 s, coverage 8 s per answer).
+
+--det adds rows for extreme clicking (the DET loop's box kind: four clicks on the object's extreme points,
+Papadopoulos et al., ICCV 2017) through the same loop in the same run, on the same images and workers: assumed
+median 7 s per click task (the paper's reported time per box), the clicks' noise a simulation parameter
+(crowd/simulate_boxes.py). --quality-s / --coverage-s change the assumed verification times of every row.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dataclasses import replace  # noqa: E402
+
 from crowd.simulate_boxes import (  # noqa: E402
     TIGHT_IOU,
     default_workers,
@@ -34,7 +42,15 @@ from crowd.simulate_boxes import (  # noqa: E402
     run_inprocess,
     seconds,
 )
-from pipeline.boxes import BOX_COLUMNS, BoxesSettings, consolidate, iou_matrix, region_to_box  # noqa: E402
+from pipeline.boxes import (  # noqa: E402
+    BOX_COLUMNS,
+    BOX_TABLES,
+    BoxesSettings,
+    consolidate,
+    det_box_tables,
+    iou_matrix,
+    region_to_box,
+)
 
 ILSVRC = {"truly_covered_share": 0.979, "tight_share": 0.992, "worker_s_per_accepted_box": 35.0}
 
@@ -118,8 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=3000, help="in-process simulation size (0 to skip)")
     ap.add_argument("--server", type=int, default=0, help="images for a real Label Studio run (0 to skip)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--det", action="store_true", help="also extreme clicking (the DET box kind) in the same run")
+    ap.add_argument("--quality-s", type=float, default=None, help="assumed seconds per quality answer (default 9)")
+    ap.add_argument("--coverage-s", type=float, default=None, help="assumed seconds per coverage answer (default 8)")
+    ap.add_argument("--only-det", action="store_true", help="with --det: the drawing default and the DET rows only")
     args = ap.parse_args(argv)
     rows = []
+    times = {k: v for k, v in (("quality_s", args.quality_s), ("coverage_s", args.coverage_s)) if v is not None}
+    workers = [replace(w, **times) for w in default_workers(seed=args.seed)]
     if args.images:
         pairs, truth = make_truth(args.images, seed=args.seed)
         strict = {"quality_overlap": 3, "quality_max_votes": 3, "coverage_overlap": 3, "coverage_max_votes": 3}
@@ -131,12 +153,28 @@ def main(argv: list[str] | None = None) -> int:
             ("loop: 3 drawers consolidated, 2(+1) + 2(+1) votes", BoxesSettings(draw_overlap=3)),
             ("loop: Dawid-Skene on 2(+1) quality votes", BoxesSettings(method="dawid_skene")),
         ]
-        for name, policy in setups:
+        extreme = det_box_tables("extreme")
+        det_setups = [
+            ("DET extreme clicks: 2(+1) quality + 2(+1) coverage votes (default)", BoxesSettings(), extreme),
+            ("DET extreme clicks: 1(+1) quality + 1(+1) coverage votes",
+             BoxesSettings(quality_overlap=1, quality_max_votes=2, coverage_overlap=1, coverage_max_votes=2), extreme),
+            ("DET extreme clicks: 1 quality + 1 coverage vote", BoxesSettings(**lean), extreme),
+        ] if args.det else []
+        all_setups = [(n, p, BOX_TABLES) for n, p in setups] + det_setups
+        if args.only_det:
+            all_setups = all_setups[:1] + det_setups
+        for name, policy, tables in all_setups:
             t0 = time.perf_counter()
-            r = run_inprocess(pairs, truth, policy, seed=args.seed)
+            r = run_inprocess(pairs, truth, policy, workers=workers, seed=args.seed, tables=tables)
             m = evaluate(r.coverage, r.boxes, truth)
+            if tables.draw_kind == "extreme":  # seconds spent making boxes vs verifying them
+                a = r.answers
+                m["make_s_per_accepted_box"] = float(a.loc[a["kind"] == "extreme", "lead_time_s"].sum()) / max(
+                    m["boxes_accepted"], 1)
             rows.append((name, m, time.perf_counter() - t0))
-        for drawers in (1, 3):
+        if args.only_det:
+            args.server = 0
+        for drawers in (() if args.only_det else (1, 3)):
             t0 = time.perf_counter()
             rows.append((f"baseline: {drawers} drawer(s) per object, no verification",
                          baseline(pairs, truth, drawers, args.seed), time.perf_counter() - t0))
@@ -146,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"loop on real Label Studio, 3 workers ({m['rounds']} rounds, {m['annotations']} annotations)", m,
                      time.perf_counter() - t0))
     print(f"\nobjects per image ~{len(truth) / len(pairs):.2f}" if args.images else "")
+    print(f"assumed times: {', '.join(f'{k} {v:g} s' for k, v in {'draw': workers[0].draw_s, 'extreme': workers[0].extreme_s, 'quality': workers[0].quality_s, 'coverage': workers[0].coverage_s}.items())}")
     print("| setup | images | covered (flag) | truly covered | tight IoU>=0.7 | tasks/box | answers/box | "
           "worker-s/box | worker-s/box vs ILSVRC 35 s | run s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -157,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{fmt(m['truly_covered_share'], True)} | {fmt(m['tight_share'], True)} | "
               f"{fmt(m['tasks_per_accepted_box'])} | {fmt(m['answers_per_accepted_box'])} | {fmt(ws)} | "
               f"{ws / ILSVRC['worker_s_per_accepted_box']:.2f}x | {secs:.1f} |")
+        if "make_s_per_accepted_box" in m:
+            print(f"|   of which clicking | | | | | | | {fmt(m['make_s_per_accepted_box'])} | | |")
     return 0
 
 

@@ -256,11 +256,12 @@ class DetTruth:
                 for i in [*self.world.image_ids, *self.world.gold_ids]}
 
 
-def write_det_world(store: Any, n_images: int, *, seed: int = 0, n_gold: int = 0, max_objects: int = 3) -> DetTruth:
+def write_det_world(store: Any, n_images: int, *, seed: int = 0, n_gold: int = 0, max_objects: int = 3,
+                    size: tuple[int, int] | None = None) -> DetTruth:
     """Render `n_images` (+ `n_gold` control) images into a store that holds a DET vocabulary (synsets and
     det_questions, from `synsetforge vocab --det`): each shows 1-`max_objects` DET classes (1-2 instances each, as
     coloured shapes), written to the images table as ingest would (image_id = sha256 of the stored bytes); the
-    control images' full truth goes to presence_gold."""
+    control images' full truth goes to presence_gold. `size`: every image (width, height); default random."""
     from crowd.simulate_boxes import render_image
     from pipeline.boxes import BOX_COLUMNS, iou_matrix
     from pipeline.schemas import arrow_schema
@@ -271,7 +272,7 @@ def write_det_world(store: Any, n_images: int, *, seed: int = 0, n_gold: int = 0
     classes = tree.classes
     rows, boxes, present_rows, ids = [], [], [], []
     for i in range(n_images + n_gold):
-        w, h = int(rng.integers(240, 641)), int(rng.integers(200, 481))
+        w, h = size or (int(rng.integers(240, 641)), int(rng.integers(200, 481)))
         chosen = rng.choice(classes, size=int(rng.integers(1, max_objects + 1)), replace=False)
         placed: list[list[float]] = []
         mine = []

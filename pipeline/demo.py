@@ -395,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         boxes(store, settings, server, corpus, links, annotators)
         step(f"release DAG: version {VERSION}, then an ILSVRC evaluation")
         out = release_and_evaluate(store, workdir)
+        step("DET: presence of every class by a tree of questions, extreme-click boxes, a DET release")
+        from pipeline.demo_det import det
+
+        out["det"] = det(store, settings, server, corpus, links, annotators, workdir)["release"]
         step("challenge: test labels hidden, an organisers' baseline and one team on a leaderboard with intervals")
         from challenge.demo import open_demo_challenge
 
@@ -405,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"release:             {out['release']}")
         print(f"report:              {out['report']}")
         print(f"dataset card:        {out['card']}")
+        print(f"DET release:         {out['det']}")
         print(f"leaderboard:         {board['leaderboard']}  (pages: {board['serve']})")
         print(f"Label Studio:        {server.url}   user {server.username}   password {server.password}")
         print("                     (projects 'synsetforge verify' and 'synsetforge box-*'; annotate by hand there)")

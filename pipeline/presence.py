@@ -413,7 +413,7 @@ def next_question(state: ImageState, model: Cooccurrence, times: QuestionTimes =
 
 
 def decide_presence(log_bf: np.ndarray, n_votes: np.ndarray, prior: np.ndarray | float, *, accept_at: float = 0.99,
-                    miss_factor: float = 300.0, max_votes: int = 15, step: float = 1.386,
+                    miss_factor: float = 300.0, max_votes: int = 25, step: float = 1.386,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Status (accepted / rejected / pending), posterior P(present) and answers still wanted per (image, node).
 
@@ -955,6 +955,10 @@ def det_pool(store: Any, policy: Any = None, gold: pd.DataFrame | None = None) -
     ids = set(images.loc[(images["status"] == "accepted") & images["image_id"].notna(), "image_id"])
     if gold is not None and len(gold):  # expert control images are controls only; crowd-built ones stay
         ids -= set(gold.loc[gold["source"] != CROWD, "image_id"]) if "source" in gold else set(gold["image_id"])
+    if store.has_table("image_links"):  # a near copy of a kept image would be annotated twice
+        links = store.read_table("image_links", columns=["image_id", "near_duplicate_of"]).to_pandas()
+        copies = links.groupby("image_id")["near_duplicate_of"].apply(lambda s: s.notna().all())
+        ids -= set(copies.index[copies])
     ordered = sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())
     return ordered[: policy.max_images] if policy.max_images else ordered
 

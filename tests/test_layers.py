@@ -15,7 +15,8 @@ BASE = {"pipeline.config", "pipeline.errors", "pipeline.store", "pipeline.schema
         "pipeline.services", "pipeline.store_cli"}
 STAGES = {"pipeline.vocabulary", "pipeline.sources", "pipeline.ingest", "pipeline.qc", "pipeline.boxes",
           "pipeline.release", "pipeline.evaluate", "pipeline.presence"}
-APP = {"pipeline.cli", "pipeline.config_cli", "pipeline.dagtools", "pipeline.demo", "pipeline.demo_corpus", "pipeline.airflow_local", "pipeline.celery_stack",
+APP = {"pipeline.cli", "pipeline.config_cli", "pipeline.dagtools", "pipeline.demo", "pipeline.demo_corpus", "pipeline.demo_det", "pipeline.airflow_local",
+       "pipeline.celery_stack",
        "dags",
        "challenge"}  # challenge/: the evaluation server, a face over the release and evaluate stages
 LAYERS = {"base": 0, "stage": 1, "crowd": 2, "app": 3}

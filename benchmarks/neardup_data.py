@@ -5,7 +5,9 @@ and in Debian wallpaper packages (lomiri-wallpapers-16.04/-20.04, ukui-wallpaper
 region of a photo is used once, so two originals never share pixels. Mostly flat tiles (fewer than 60 % of their 8x8
 blocks textured, e.g. a patch of clear sky with a corner of a bridge) are skipped: two of them are not distinct
 photos in any useful sense, a person would call them near-duplicates too.
-Edited copies: one per original, kind cycling through the five crawl edits, parameters drawn at random.
+Edited copies: one per original, kind cycling through the five crawl edits, parameters drawn at random; plus,
+for every original, an asymmetric crop (each of the four margins drawn on its own from 0-5 %), the weakest edit
+for centred hashes: `build_asym`.
 
     .venv/bin/python -m benchmarks.neardup_data   # builds benchmarks/.cache/neardup/ and prints counts
 """
@@ -23,6 +25,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "neardup"
 EDIT_KINDS = ("jpeg", "downscale", "crop", "brightness", "overlay")
+ASYM_KIND = "asym_crop"
 
 # Photos only (no vector art, no stereo pairs, one resolution of each picture).
 SKIMAGE_PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "coins.png", "grass.png",
@@ -161,6 +164,34 @@ def build(n_min: int = 500, seed: int = 0) -> list[Pair]:
     return [Pair(CACHE / r["original"], CACHE / r["edited"], r["kind"], r["params"]) for r in rows]
 
 
+def asym_crop(img: Image.Image, rng: random.Random) -> tuple[Image.Image, str]:
+    """Crop each side by its own margin, drawn uniformly from 0-5 %: the centre moves by up to 2.5 %."""
+    w, h = img.size
+    lf, t, r, b = (rng.uniform(0.0, 0.05) for _ in range(4))
+    box = (round(w * lf), round(h * t), round(w * (1 - r)), round(h * (1 - b)))
+    return img.crop(box), f"l={lf:.3f} t={t:.3f} r={r:.3f} b={b:.3f}"
+
+
+def build_asym(pairs: list[Pair], seed: int = 0) -> list[Pair]:
+    """One asymmetric crop of every original (cached), saved as JPEG quality 85-95."""
+    manifest = CACHE / f"manifest-asym-{seed}.json"
+    if manifest.exists():
+        rows = json.loads(manifest.read_text())
+        if len(rows) == len(pairs):
+            return [Pair(CACHE / r["original"], CACHE / r["edited"], r["kind"], r["params"]) for r in rows]
+    rng = random.Random(f"asym-{seed}")
+    (CACHE / "asym").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, p in enumerate(pairs):
+        cropped, params = asym_crop(Image.open(p.original).convert("RGB"), rng)
+        e = f"asym/{i:05d}.jpg"
+        cropped.save(CACHE / e, "JPEG", quality=rng.randint(85, 95))
+        rows.append({"original": str(p.original.relative_to(CACHE)), "edited": e, "kind": ASYM_KIND, "params": params})
+    manifest.write_text(json.dumps(rows, indent=0))
+    return [Pair(CACHE / r["original"], CACHE / r["edited"], r["kind"], r["params"]) for r in rows]
+
+
 if __name__ == "__main__":
     pairs = build()
-    print(len(pairs), "originals;", {k: sum(p.kind == k for p in pairs) for k in EDIT_KINDS})
+    print(len(pairs), "originals;", {k: sum(p.kind == k for p in pairs) for k in EDIT_KINDS},
+          len(build_asym(pairs)), ASYM_KIND)

@@ -3,9 +3,10 @@
     .venv/bin/python -m benchmarks.neardup_quality [--seed 0]
 
 Data: benchmarks/neardup_data.py (>= 500 distinct originals cut from offline photos, one edited copy each,
-five edit kinds). All originals and copies go into one set; a method is scored on
-recall = share of edited copies joined to their own original, and false pairs = pairs joined between images of
-two different originals (originals with each other, and a copy with another original/copy).
+five edit kinds, plus one asymmetric crop of each original: margins of 0-5 % drawn per side). All originals and
+copies go into one set; a method is scored on recall = share of edited copies joined to their own original
+(overall and per kind), and false pairs = pairs joined between images of two different originals (originals with
+each other, and a copy with another original/copy).
 imagededup runs in its own venv (.venv-bench-neardup, it pulls torch), created with
 `python3.11 -m venv .venv-bench-neardup && .venv-bench-neardup/bin/pip install imagededup==0.3.3`.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.neardup_data import CACHE, EDIT_KINDS, build
+from benchmarks.neardup_data import ASYM_KIND, CACHE, EDIT_KINDS, build, build_asym
 from pipeline.ingest.fingerprint import decode_for_fingerprint, fingerprint
 from pipeline.ingest.neardup import DEFAULT_MAX_THUMB_DIST, DEFAULT_RADIUS, NearDupIndex
 
@@ -52,17 +53,21 @@ print(json.dumps(out))
 """
 
 
-def score(pairs: set[tuple[str, str]], kinds: list[str]) -> dict:
+KINDS = (*EDIT_KINDS, ASYM_KIND)
+
+
+def score(pairs: set[tuple[str, str]], kinds: dict[str, str]) -> dict:
+    """kinds: copy name -> edit kind. Names: o<i> original i, e<i> its edited copy, a<i> its asymmetric crop."""
     def orig(name: str) -> int:
         return int(name[1:].split(".")[0])
 
-    joined = {orig(a) for a, b in pairs if orig(a) == orig(b) and a[0] != b[0]}
+    joined = {b if a[0] == "o" else a for a, b in pairs if orig(a) == orig(b) and "o" in (a[0], b[0]) and a[0] != b[0]}
     false = [(a, b) for a, b in pairs if orig(a) != orig(b)]
     row = {"recall": len(joined) / len(kinds),
            "false_orig": sum(1 for a, b in false if a[0] == "o" and b[0] == "o"), "false_all": len(false)}
-    for k in EDIT_KINDS:
-        idx = [i for i, kk in enumerate(kinds) if kk == k]
-        row[k] = sum(i in joined for i in idx) / len(idx)
+    for k in KINDS:
+        names = [n for n, kk in kinds.items() if kk == k]
+        row[k] = sum(n in joined for n in names) / len(names)
     return row
 
 
@@ -71,17 +76,19 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     pairs = build(seed=args.seed)
-    kinds = [p.kind for p in pairs]
+    asym = build_asym(pairs, seed=args.seed)
     n_orig = len(pairs)
-    flat = CACHE / f"flat-{args.seed}"  # one folder with every image for imagededup; names o<i> / e<i>
+    flat = CACHE / f"flat-{args.seed}"  # one folder with every image for imagededup; names o<i> / e<i> / a<i>
     flat.mkdir(exist_ok=True)
-    files = []
-    for i, p in enumerate(pairs):
-        for tag, src in (("o", p.original), ("e", p.edited)):
+    files, kinds = [], {}
+    for i, (p, a) in enumerate(zip(pairs, asym, strict=True)):
+        for tag, src, kind in (("o", p.original, None), ("e", p.edited, p.kind), ("a", a.edited, a.kind)):
             dst = flat / f"{tag}{i:05d}{src.suffix}"
             if not dst.exists():
                 dst.symlink_to(src)
             files.append(dst)
+            if kind:
+                kinds[dst.name] = kind
 
     results = []
     t = time.perf_counter()
@@ -117,13 +124,14 @@ def main() -> int:
     else:
         print(f"imagededup skipped: {BENCH_PY} missing (see the module docstring)")
 
-    print(f"\n{n_orig} originals + {n_orig} edited copies (seed {args.seed}); "
-          f"{n_orig * (n_orig - 1) // 2:,} pairs of distinct originals\n")
-    print("| method | recall | " + " | ".join(EDIT_KINDS) + " | false pairs (originals) | false pairs (all) |")
-    print("|---|---|" + "---|" * len(EDIT_KINDS) + "---|---|")
+    counts = {k: sum(v == k for v in kinds.values()) for k in KINDS}
+    print(f"\n{n_orig} originals + {len(kinds)} copies ({', '.join(f'{k} {n}' for k, n in counts.items())}; "
+          f"seed {args.seed}); {n_orig * (n_orig - 1) // 2:,} pairs of distinct originals\n")
+    print("| method | recall (all copies) | " + " | ".join(KINDS) + " | false pairs (originals) | false pairs (all) |")
+    print("|---|---|" + "---|" * len(KINDS) + "---|---|")
     for r in results:
-        print(f"| {r['method']} | {100 * r['recall']:.1f} % | "
-              + " | ".join(f"{100 * r[k]:.1f}" for k in EDIT_KINDS) + f" | {r['false_orig']} | {r['false_all']} |")
+        print(f"| {r['method']} | {100 * r['recall']:.2f} % | "
+              + " | ".join(f"{100 * r[k]:.1f}" for k in KINDS) + f" | {r['false_orig']} | {r['false_all']} |")
     return 0
 
 

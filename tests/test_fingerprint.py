@@ -76,8 +76,7 @@ def _reference_fingerprint(img: Image.Image) -> dict[str, int]:
     """The one-hash-at-a-time definition (np.median per hash, bits OR-ed one by one) the batched code must equal."""
     from pipeline.ingest.fingerprint import (
         _NIBBLE_SHIFTS,
-        HASH_COLUMNS,
-        INNER_MARGINS,
+        HASH_WINDOWS,
         THUMB_COLUMNS,
         _luminance,
         _resize,
@@ -85,7 +84,10 @@ def _reference_fingerprint(img: Image.Image) -> dict[str, int]:
     )
 
     gray = _luminance(img)
-    out = {c: phash_from_gray32(_resize(gray, (32, 32), m)) for c, m in zip(HASH_COLUMNS, INNER_MARGINS, strict=True)}
+    w, h = gray.size
+    out = {c: phash_from_gray32(np.asarray(gray.resize((32, 32), Image.Resampling.BOX, box=(w * x0, h * y0, w * x1, h * y1)),
+                                           dtype=np.float64))
+           for c, (x0, y0, x1, y1) in HASH_WINDOWS.items()}
     t = _resize(gray, (8, 8)).ravel()
     z = (t - t.mean()) / t.std() if t.std() > 1e-6 else np.zeros_like(t)
     q = np.clip(np.floor((z + 2.0) / 4.0 * 16), 0, 15).astype(np.uint64)

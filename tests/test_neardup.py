@@ -170,6 +170,39 @@ def test_edited_copies_found_and_distinct_photos_not_joined(photos: dict[str, Im
     assert originals == []  # 40 distinct photos: no pair joined
 
 
+def _asym_crop(img: Image.Image, left: float, top: float, right: float, bottom: float) -> Image.Image:
+    w, h = img.size
+    return _jpeg(img.crop((round(w * left), round(h * top), round(w * (1 - right)), round(h * (1 - bottom)))), 90)
+
+
+ASYM_MARGINS = [(0.0, 0.05, 0.05, 0.0), (0.05, 0.0, 0.0, 0.05), (0.05, 0.05, 0.0, 0.0), (0.0, 0.0, 0.05, 0.05),
+                (0.05, 0.02, 0.0, 0.04), (0.0, 0.04, 0.05, 0.01)]
+
+
+def test_asymmetric_crops_are_joined_and_rows_without_the_newer_hash_still_match(photos) -> None:
+    # Margins that differ from side to side move the picture's centre by up to 2.5 %: no centred window follows,
+    # the shifted one does (on whichever image it lines up with).
+    copies = {f"{k}_asym{j}": _asym_crop(img, *m) for k, img in list(photos.items())[:12]
+              for j, m in enumerate(ASYM_MARGINS)}
+    rows = _rows({**photos, **copies})
+    pairs = near_duplicate_pairs(rows)
+    found = {frozenset(p) for p in pairs[["image_id", "other_image_id"]].itertuples(index=False)}
+    missed = [name for name in copies if frozenset((name.split("_")[0], name)) not in found]
+    assert missed == []
+    assert not [p for p in found if all("_" not in x for x in p)]  # distinct photos stay apart
+    # A reference table written before the shifted hashes existed (columns absent, or null) is still searched.
+    from pipeline.ingest.fingerprint import ADDED_HASH_COLUMNS
+
+    old = _rows(photos).drop(columns=list(ADDED_HASH_COLUMNS))
+    out = cross_duplicates(_rows({"q": photos["p4"], "q_jpeg": _edits(photos["p6"])["jpeg"]}), old)
+    assert set(out[["query_image_id", "reference_image_id"]].itertuples(index=False, name=None)) == {("q", "p4"),
+                                                                                                 ("q_jpeg", "p6")}
+    nulls = pa.Table.from_pandas(_rows(photos))
+    for col in ADDED_HASH_COLUMNS:
+        nulls = nulls.set_column(nulls.column_names.index(col), col, pa.nulls(len(photos), pa.uint64()))
+    assert len(cross_duplicates(_rows({"q": photos["p4"]}), nulls)) == 1
+
+
 def test_cross_duplicates_release_contract(photos: dict[str, Image.Image]) -> None:
     train = _rows(photos)
     val = _rows({"v_crop": _edits(photos["p3"])["crop"], "v_new": _photo(999), "v_same": photos["p5"]})

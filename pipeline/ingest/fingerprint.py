@@ -5,8 +5,12 @@ Columns produced (all uint64, see schemas/images.json):
   threshold; bit 63 is the (0, 0) coefficient, row-major).
 - ``phash_in94``, ``phash_in88``, ``phash_in70``: the same hash of the centred region keeping 94 %, 88 % and 70 %
   of each side. A border crop of a few percent lines up with one of the inner hashes of the original, and a
-  caption band or corner watermark leaves the 70 % hash untouched; all four are keys of the candidate search in
-  :mod:`pipeline.ingest.neardup`.
+  caption band or corner watermark leaves the 70 % hash untouched.
+- ``phash_se94``, ``phash_sw94``: the 94 % region moved 2 % of each side towards the bottom right and towards
+  the bottom left. A crop with independent margins (0-5 % on each side) moves the picture's centre by up to 2.5 %
+  in any direction, which no centred region follows; one of these windows, on whichever of the two images it
+  lines up with, does (the copy's window covers the opposite directions). All six are keys of the candidate
+  search in :mod:`pipeline.ingest.neardup` (``HASH_COLUMNS``; ``HASH_WINDOWS`` gives each one's region).
 - ``thumb_0`` .. ``thumb_3``: an 8x8 luminance thumbnail, z-normalised and quantised to 4 bits per pixel
   (16 pixels per word, row-major, first pixel in the high nibble), used to verify candidate pairs.
 
@@ -16,22 +20,39 @@ Everything is computed from a small luminance image, so a JPEG can be decoded in
 >>> from PIL import Image
 >>> fp = fingerprint(Image.new("RGB", (64, 48), (200, 30, 30)))
 >>> sorted(fp)
-['phash', 'phash_in70', 'phash_in88', 'phash_in94', 'thumb_0', 'thumb_1', 'thumb_2', 'thumb_3']
+['phash', 'phash_in70', 'phash_in88', 'phash_in94', 'phash_se94', 'phash_sw94', 'thumb_0', 'thumb_1', 'thumb_2', 'thumb_3']
 """
 
 from __future__ import annotations
 
 import io
 from functools import cache
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-HASH_COLUMNS: tuple[str, ...] = ("phash", "phash_in94", "phash_in88", "phash_in70")
+# Region of each hash as (left, top, right, bottom) fractions of the image.
+HASH_WINDOWS: dict[str, tuple[float, float, float, float]] = {
+    "phash": (0.0, 0.0, 1.0, 1.0),
+    "phash_in94": (0.03, 0.03, 0.97, 0.97),
+    "phash_in88": (0.06, 0.06, 0.94, 0.94),
+    "phash_in70": (0.15, 0.15, 0.85, 0.85),
+    "phash_se94": (0.05, 0.05, 0.99, 0.99),
+    "phash_sw94": (0.01, 0.05, 0.95, 0.99),
+}
+HASH_COLUMNS: tuple[str, ...] = tuple(HASH_WINDOWS)
 THUMB_COLUMNS: tuple[str, ...] = ("thumb_0", "thumb_1", "thumb_2", "thumb_3")
 FINGERPRINT_COLUMNS: tuple[str, ...] = HASH_COLUMNS + THUMB_COLUMNS
-# Share of each side trimmed away on every border for the hashes above.
-INNER_MARGINS: tuple[float, ...] = (0.0, 0.03, 0.06, 0.15)
+# Which (hash of one image, hash of the other) pairs verification compares: every pair of centred windows, and a
+# shifted window with a centred one. Two shifted windows never line up a crop that the centred ones miss, and
+# comparing them only adds chances for two distinct photos of one scene to match.
+SHIFTED_HASH_COLUMNS: tuple[str, ...] = ("phash_se94", "phash_sw94")
+HASH_PAIRS: tuple[tuple[bool, ...], ...] = tuple(
+    tuple(not (a in SHIFTED_HASH_COLUMNS and b in SHIFTED_HASH_COLUMNS) for b in HASH_WINDOWS) for a in HASH_WINDOWS)
+# Hash columns newer than images schema version 2: rows written before lack them and use the whole-image phash
+# in their place (see fill_added_hashes).
+ADDED_HASH_COLUMNS: tuple[str, ...] = ("phash_se94", "phash_sw94")
 THUMB_SIDE = 8
 THUMB_LEVELS = 16
 # Decoding at >= 4x the 32 px pHash grid keeps the area-averaged resize close to a full decode.
@@ -102,21 +123,50 @@ def fingerprint(img: Image.Image) -> dict[str, int]:
     """Fingerprint columns for one decoded image (any mode; RGB or L expected, others are converted).
 
     Pass the image as it will be stored (EXIF orientation applied). Values are Python ints in [0, 2**64).
-    Same values as :func:`phash_from_gray32` per margin and :func:`thumb_words`, with the four hashes' medians
-    and bit packing done together (this runs once per ingested image).
+    Same values as :func:`phash_from_gray32` per window and :func:`thumb_words`, with the medians and bit packing
+    of all hashes done together (this runs once per ingested image).
     """
     gray = _luminance(img)
+    w, h = gray.size
     d = _dct_matrix(32)
-    coefs = np.empty((len(INNER_MARGINS), 64))
-    for i, m in enumerate(INNER_MARGINS):
-        coefs[i] = (d @ _resize(gray, (32, 32), m) @ d.T)[:8, :8].ravel()  # the same products as phash_from_gray32
+    coefs = np.empty((len(HASH_WINDOWS), 64))
+    for i, (x0, y0, x1, y1) in enumerate(HASH_WINDOWS.values()):
+        g32 = np.asarray(gray.resize((32, 32), Image.Resampling.BOX, box=(w * x0, h * y0, w * x1, h * y1)),
+                         dtype=np.float64)
+        coefs[i] = (d @ g32 @ d.T)[:8, :8].ravel()  # the same products as phash_from_gray32
     s = np.sort(coefs, axis=1)
     median = (s[:, 31] + s[:, 32]) / 2  # what np.median computes for 64 values
     packed = np.packbits(coefs > median[:, None], axis=1)  # row-major, first coefficient in the top bit
     out = {col: int.from_bytes(packed[i].tobytes(), "big") for i, col in enumerate(HASH_COLUMNS)}
-    for col, w in zip(THUMB_COLUMNS, thumb_words(gray), strict=True):
-        out[col] = w
+    for col, word in zip(THUMB_COLUMNS, thumb_words(gray), strict=True):
+        out[col] = word
     return out
+
+
+def fill_added_hashes(images: Any) -> Any:
+    """Rows of the images table (pandas or Arrow) with every ADDED_HASH_COLUMNS value present: where a row lacks
+    one (the column is missing, or null: rows written before it existed), the whole-image phash stands in, which
+    finds what those rows found before."""
+    if hasattr(images, "column_names"):  # Arrow
+        import pyarrow.compute as pc
+
+        if "phash" not in images.column_names:
+            return images
+        for col in ADDED_HASH_COLUMNS:
+            if col not in images.column_names:
+                images = images.append_column(col, images.column("phash"))
+            elif images.column(col).null_count:
+                i = images.column_names.index(col)
+                images = images.set_column(i, col, pc.coalesce(images.column(col), images.column("phash")))
+        return images
+    if "phash" not in getattr(images, "columns", ()):
+        return images
+    missing = [c for c in ADDED_HASH_COLUMNS if c not in images.columns or images[c].isna().any()]
+    if missing:
+        images = images.copy()
+        for col in missing:
+            images[col] = images["phash"] if col not in images.columns else images[col].fillna(images["phash"])
+    return images
 
 
 def decode_for_fingerprint(data: bytes) -> Image.Image:

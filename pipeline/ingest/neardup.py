@@ -50,7 +50,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.ingest.fingerprint import HASH_COLUMNS, THUMB_COLUMNS, unpack_thumbs
+from pipeline.ingest.fingerprint import HASH_COLUMNS, HASH_PAIRS, THUMB_COLUMNS, fill_added_hashes, unpack_thumbs
 
 DEFAULT_RADIUS = 6
 # Verification: trimmed mean |z_a - z_b| over the 8x8 thumbnail, worst 20 % of cells dropped (overlays).
@@ -506,6 +506,7 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _frame(images: Any, what: str) -> pd.DataFrame:
+    images = fill_added_hashes(images)  # rows from before a hash column existed: the whole-image phash stands in
     if isinstance(images, pa.Table):
         # Drop rows without hashes (rejected downloads) while still in Arrow: a uint64 column with nulls would
         # become float64 in pandas and lose the low bits of every hash.
@@ -551,8 +552,12 @@ def thumb_distance(ta: np.ndarray, tb: np.ndarray) -> np.ndarray:
 
 
 def best_hash_distance(ha: np.ndarray, hb: np.ndarray) -> np.ndarray:
-    """Smallest Hamming distance over all (hash of a, hash of b) combinations; ha, hb are (n, H) uint64."""
-    return _popcount(ha[:, :, None] ^ hb[:, None, :]).reshape(len(ha), ha.shape[1] * hb.shape[1]).min(axis=1)
+    """Smallest Hamming distance over the compared (hash of a, hash of b) combinations (fingerprint.HASH_PAIRS:
+    a shifted window is compared with the centred ones, not with another shifted one); ha, hb are (n, H) uint64."""
+    d = _popcount(ha[:, :, None] ^ hb[:, None, :])
+    if ha.shape[1] == hb.shape[1] == len(HASH_COLUMNS):
+        d = np.where(np.asarray(HASH_PAIRS)[None], d, np.uint8(255))
+    return d.reshape(len(ha), ha.shape[1] * hb.shape[1]).min(axis=1)
 
 
 def _id_bytes(ids: Any) -> np.ndarray:

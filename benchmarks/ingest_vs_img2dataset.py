@@ -17,6 +17,11 @@ Runs, each in a fresh subprocess with CPU time taken from getrusage(RUSAGE_CHILD
 Prints a Markdown table: images/s, CPU s per image, and our ratio to each img2dataset mode; the 1-minute load
 average when each run started; and, because the machine is shared, a load-independent CPU-bound estimate:
 cores x images / (tool CPU + server CPU), i.e. the rate if tool and server had every core to themselves.
+Then, for each synsetforge run, the CPU per image by step (thread CPU measured inside the workers: receive,
+hash, decode, fingerprint, store write, row; the rest of the worker processes; the parent's table rows,
+checkpoint parts and merge; start-up imports).
+
+    .venv/bin/python benchmarks/ingest_vs_img2dataset.py --decoders   # JPEG decoders on the corpus, thread CPU
 """
 
 from __future__ import annotations
@@ -115,6 +120,9 @@ def process_cpu(pid: int) -> float:
 
 
 def run_ours(urls_file: str, store_dir: str, concurrency: int, per_host: int, processes: int, reuse: bool = True) -> None:
+    import json
+
+    start = os.times()
     import pandas as pd
 
     from pipeline.config import load_settings
@@ -130,9 +138,94 @@ def run_ours(urls_file: str, store_dir: str, concurrency: int, per_host: int, pr
     settings = load_settings(env={}, overrides={"ingest": {
         "concurrency": concurrency, "per_host": per_host, "allowed_networks": ["127.0.0.0/8"], "processes": processes,
         "flush_every": 2000, "reuse_validation": reuse}})
+    steps_dir = Path(store_dir + "-steps")
+    steps_dir.mkdir(exist_ok=True)
+    os.environ["SYNSETFORGE_INGEST_STEPS"] = str(steps_dir)
+    from pipeline.ingest import worker
+
+    ready = os.times()
     summary = run_ingest(store, settings)
+    end = os.times()
+    mine = worker.STEPS.snapshot()  # rows made in this process (processes = 1)
+    (steps_dir / "parent.json").write_text(json.dumps({
+        "ns": mine["ns"], "images": mine["images"], "startup_cpu_s": ready.user + ready.system - start.user - start.system,
+        "run_cpu_s": end.user + end.system - ready.user - ready.system}))
     print(f"ours: fetched={summary['fetched']} accepted={summary['accepted']} duplicates={summary['duplicates']} "
           f"rejected={summary['rejected']}", file=sys.stderr)
+
+
+STEP_NAMES = ("receive", "hash", "decode", "fingerprint", "encode", "store_write", "row")
+
+
+def breakdown(steps_dir: Path, n_images: int) -> list[tuple[str, float]]:
+    """CPU ms per image by step, from the workers' and the parent's step files."""
+    import json
+
+    parent = json.loads((steps_dir / "parent.json").read_text())
+    workers = [json.loads(p.read_text()) for p in steps_dir.glob("steps-*.json")]
+    ns = dict(parent["ns"])
+    worker_cpu = 0.0
+    for w in workers:
+        worker_cpu += w["process_cpu_s"]
+        for k, v in w["ns"].items():
+            ns[k] = ns.get(k, 0) + v
+    measured = sum(ns.get(k, 0) for k in STEP_NAMES) / 1e9
+    rows = [(k, ns.get(k, 0) / 1e6 / n_images) for k in STEP_NAMES]
+    if workers:  # worker processes: threads, queues, pickling rows back, imports
+        rows.append(("worker processes, rest (threads, queue to parent, imports)",
+                     (worker_cpu - measured) * 1e3 / n_images))
+        rows.append(("parent: table rows, checkpoint parts, merge, image_links", parent["run_cpu_s"] * 1e3 / n_images))
+    else:
+        rows.append(("parent: threads, table rows, checkpoint parts, merge, image_links",
+                     (parent["run_cpu_s"] - measured) * 1e3 / n_images))
+    rows.append(("parent: start-up imports", parent["startup_cpu_s"] * 1e3 / n_images))
+    return rows
+
+
+def decoders(n: int) -> int:
+    """Thread CPU per image of the JPEG decodes a validator could use, on the benchmark corpus."""
+    import io
+
+    import simplejpeg
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from pipeline.ingest.validate import draft_scale
+
+    datas = [p.read_bytes() for p in sorted(make_corpus(n).glob("*.jpg"))][:400]
+
+    def pillow_draft(d: bytes) -> None:
+        im = Image.open(io.BytesIO(d))
+        im.draft("L", (128, 128))
+        im.load()
+
+    def pillow_full(d: bytes) -> None:
+        Image.open(io.BytesIO(d)).load()
+
+    def strict_gray(d: bytes) -> None:
+        h, w, _, _ = simplejpeg.decode_jpeg_header(d)
+        s = draft_scale(w, h)
+        simplejpeg.decode_jpeg(d, colorspace="GRAY", min_height=-(-h // s), min_width=-(-w // s), strict=True)
+
+    def strict_rgb(d: bytes) -> None:
+        simplejpeg.decode_jpeg(d, colorspace="RGB", strict=True)
+
+    fns = {"Pillow draft L (1/2 scale here), lenient": pillow_draft,
+           "simplejpeg GRAY at the same scale, strict": strict_gray,
+           "Pillow full RGB, lenient": pillow_full, "simplejpeg full RGB, strict": strict_rgb}
+    best = {k: float("inf") for k in fns}
+    for _ in range(5):
+        for k, fn in fns.items():
+            t = time.thread_time()
+            for d in datas:
+                fn(d)
+            best[k] = min(best[k], (time.thread_time() - t) / len(datas) * 1e3)
+    print(f"\n{len(datas)} corpus JPEGs (mean {sum(map(len, datas)) / len(datas) / 1000:.0f} KB), thread CPU per image, "
+          f"best of 5; load average {loadavg()}\n")
+    print("| decode | ms / image |\n|---|---:|")
+    for k, v in best.items():
+        print(f"| {k} | {v:.3f} |")
+    return 0
 
 
 def loadavg() -> str:
@@ -164,12 +257,15 @@ def main() -> int:
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--no-reuse", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--skip-img2dataset", action="store_true")
+    ap.add_argument("--decoders", action="store_true", help="time the JPEG decoders on the corpus and exit")
     ap.add_argument("--serve", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
     ap.add_argument("--run-ours", nargs=2, metavar=("URLS", "STORE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve(args.serve[0], int(args.serve[1]))
         return 0
+    if args.decoders:
+        return decoders(args.images)
     if args.run_ours:
         run_ours(args.run_ours[0], args.run_ours[1], args.concurrency, args.concurrency, args.processes, not args.no_reuse)
         return 0
@@ -223,6 +319,14 @@ def main() -> int:
     for (label, ok, wall, cpu, server_cpu, load), rate, cap in zip(rows, rates, caps, strict=True):
         print(f"| {label} | {ok} | {wall:.1f} | {rate:.0f} | {cpu / max(ok, 1) * 1000:.2f} | {server_cpu:.1f} | {load} | "
               f"{rates[0] / rate:.2f}x | {rates[1] / rate:.2f}x | {cap:.0f} | {caps[0] / cap:.2f}x |")
+    for (label, ok, *_rest), name in zip(rows, ("store-noreuse", "store"), strict=False):
+        print(f"\nCPU per image by step, {label} ({ok} images; {args.processes} processes):\n")
+        print("| step | CPU ms / image |\n|---|---:|")
+        total = 0.0
+        for step, ms in breakdown(work / f"{name}-steps", ok):
+            total += ms
+            print(f"| {step} | {ms:.3f} |")
+        print(f"| total | {total:.3f} |")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

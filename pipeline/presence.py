@@ -501,6 +501,7 @@ def state_from_decisions(tree: QuestionTree, accepted: Iterable[int], rejected: 
 # ------------------------------------------------------------------------------------- presence QC
 PRESENCE_METHOD = "presence-ds"
 SHRINK_STRENGTH = 8.0  # pseudo-answers pulling a worker's sensitivity / specificity toward the crowd's
+CROWD_STRENGTH = 20.0  # pseudo-answers holding the crowd's own rates at the prior accuracy on very few answers
 
 
 @dataclass
@@ -523,7 +524,7 @@ def _logit(p: Any) -> Any:
 
 def fit_presence_model(long: pd.DataFrame, priors: pd.Series, gold: pd.Series | None = None, *,
                        rules: Any = None, strength: float = SHRINK_STRENGTH, n_iter: int = 50,
-                       tol: float = 1e-6) -> PresenceFit:
+                       tol: float = 1e-6, prior_accuracy: float = 0.8) -> PresenceFit:
     """Dawid-Skene's two-coin worker model for sparse presence answers (pure numpy EM).
 
     `long`: task (image|node key), worker, label (yes/no); `priors`: task -> P(present) before its answers
@@ -579,10 +580,11 @@ def fit_presence_model(long: pd.DataFrame, priors: pd.Series, gold: pd.Series | 
             fn = np.bincount(w, weights=pt * ~yy, minlength=n_w)
             tn = np.bincount(w, weights=(1 - pt) * ~yy, minlength=n_w)
             fp = np.bincount(w, weights=(1 - pt) * yy, minlength=n_w)
-            cs = (tp.sum() + 1.0) / (tp.sum() + fn.sum() + 2.0)
-            cc = (tn.sum() + 1.0) / (tn.sum() + fp.sum() + 2.0)
-            sens = np.clip((tp + strength * cs) / (tp + fn + strength), 1e-4, 1 - 1e-4)
+            # the crowd's own rates, held near `prior_accuracy` until the answers outweigh CROWD_STRENGTH of them
+            cs = (tp.sum() + CROWD_STRENGTH * prior_accuracy) / (tp.sum() + fn.sum() + CROWD_STRENGTH)
+            cc = (tn.sum() + CROWD_STRENGTH * prior_accuracy) / (tn.sum() + fp.sum() + CROWD_STRENGTH)
             spec = np.clip((tn + strength * cc) / (tn + fp + strength), 1e-4, 1 - 1e-4)
+            sens = np.clip((tp + strength * sensitivity_prior(spec, cs, cc)) / (tp + fn + strength), 1e-4, 1 - 1e-4)
             lr_yes = np.log(sens / (1 - spec))
             lr_no = np.log((1 - sens) / spec)
             lbf = np.bincount(t, weights=np.where(yy, lr_yes[w], lr_no[w]), minlength=n_t)
@@ -603,7 +605,7 @@ def fit_presence_model(long: pd.DataFrame, priors: pd.Series, gold: pd.Series | 
     score = sens + spec - 1
     reason = np.full(n_w, None, dtype=object)
     enough = n_votes >= rules.min_votes
-    reason[enough & (np.abs(score) < rules.random_score)] = "random"
+    reason[enough & (spammer_log_odds(long_counts(t_codes, w_codes, y, p, n_w), cs, cc, strength) > 0)] = "random"
     reason[enough & (score < rules.adversarial_score)] = "adversarial"
     failed = (g_n >= rules.min_gold) & (wilson_upper(g_ok, g_n) < rules.gold_min_accuracy)
     reason[failed] = "gold"
@@ -622,6 +624,45 @@ def fit_presence_model(long: pd.DataFrame, priors: pd.Series, gold: pd.Series | 
     k_all = np.bincount(t_codes, weights=y.astype(float), minlength=n_t)
     return PresenceFit(pd.Series(lbf, index=tasks), pd.Series(n_all, index=tasks), pd.Series(k_all, index=tasks),
                        wt, float(cs), float(cc), step)
+
+
+def sensitivity_prior(spec: np.ndarray, cs: float, cc: float) -> np.ndarray:
+    """The prior mean of each worker's sensitivity given their specificity (which the many absent objects measure
+    well): the crowd's sensitivity `cs` for a worker as specific as the crowd (`cc`), falling to 1 - spec (answers
+    independent of the image) as the worker's false-alarm rate rises to chance. Without this coupling a coin-flipper,
+    whose few present objects say little, would get the crowd's sensitivity and their "no" would count as evidence.
+
+        >>> sensitivity_prior(np.array([0.8, 0.5]), 0.8, 0.8).round(3).tolist()
+        [0.8, 0.5]
+    """
+    if cc <= 0.5:
+        return np.full_like(spec, cs)
+    return np.clip(1 - (1 - cs) * (1 - spec) / (1 - cc), 0.05, 0.995)
+
+
+def long_counts(t: np.ndarray, w: np.ndarray, y: np.ndarray, p: np.ndarray, n_w: int) -> np.ndarray:
+    """Per worker soft counts (yes on present, no on present, no on absent, yes on absent) under the posteriors."""
+    pt = p[t]
+    return np.stack([np.bincount(w, weights=pt * y, minlength=n_w), np.bincount(w, weights=pt * ~y, minlength=n_w),
+                     np.bincount(w, weights=(1 - pt) * ~y, minlength=n_w),
+                     np.bincount(w, weights=(1 - pt) * y, minlength=n_w)], axis=1)
+
+
+def spammer_log_odds(counts: np.ndarray, cs: float, cc: float, strength: float, share: float = 0.1) -> np.ndarray:
+    """log P(answers independent of the image | answers) / P(an honest worker | answers) per worker: a Bayesian
+    comparison of two models of the worker's answers, with `share` of spammers a priori. Honest: sensitivity and
+    specificity drawn around the crowd's (Beta priors of `strength` pseudo-answers); spammer: one yes-rate whatever
+    the image (uniform prior). Both marginal likelihoods are Beta-binomial, so a yes-sayer (half yes on absent
+    objects) and a no-sayer (no on every present one) stand out however few present objects they met.
+    """
+    from scipy.special import betaln
+
+    tp, fn, tn, fp = counts.T
+    a_s, b_s = strength * cs, strength * (1 - cs)
+    a_c, b_c = strength * cc, strength * (1 - cc)
+    honest = betaln(tp + a_s, fn + b_s) - betaln(a_s, b_s) + betaln(tn + a_c, fp + b_c) - betaln(a_c, b_c)
+    spam = betaln(tp + fp + 1, fn + tn + 1)
+    return math.log(share / (1 - share)) + spam - honest
 
 
 WORKER_FIT_COLUMNS = ["worker", "n_votes", "n_yes", "gold_n", "gold_correct", "sensitivity", "specificity", "flagged",
@@ -711,7 +752,7 @@ def _checklists(image_id: str, groups: Mapping[int, list[int]], tree: QuestionTr
 
 def plan_presence(tree: QuestionTree, pool: Sequence[str], tasks: pd.DataFrame | None, votes: pd.DataFrame | None,
                   frozen: pd.DataFrame | None = None, gold: pd.DataFrame | None = None, policy: Any = None,
-                  rules: Any = None, times: QuestionTimes = DEFAULT_TIMES) -> PresencePlan:
+                  rules: Any = None, times: QuestionTimes = DEFAULT_TIMES, prior_accuracy: float = 0.8) -> PresencePlan:
     """The whole presence loop's state from its tables, and what to push next (pure; nothing kept in memory).
 
     pool: the image ids to annotate; tasks: the presence_tasks table; votes: presence_votes; frozen: the previous
@@ -795,7 +836,8 @@ def plan_presence(tree: QuestionTree, pool: Sequence[str], tasks: pd.DataFrame |
     gold_series = pd.Series(gold_truth, dtype=object)
     for k in gold_series.index:
         prior_of.setdefault(k, 0.5)
-    fit = fit_presence_model(long, pd.Series(prior_of, dtype=float), gold_series, rules=rules)
+    fit = fit_presence_model(long, pd.Series(prior_of, dtype=float), gold_series, rules=rules,
+                             prior_accuracy=prior_accuracy)
 
     rows: dict[tuple[str, str], dict[str, Any]] = {k: dict(r) for k, r in frozen_rows.items()}
     more: dict[tuple[str, str], int] = {}
@@ -980,7 +1022,8 @@ def run_presence_plan(store: Any, settings: Any = None, pool: Sequence[str] | No
     gold = _table(store, "presence_gold")
     pool = det_pool(store, policy, gold) if pool is None else list(pool)
     result = plan_presence(tree, pool, _table(store, "presence_tasks"), _table(store, "presence_votes"),
-                           _table(store, "presence_labels"), gold, policy, rules=rules)
+                           _table(store, "presence_labels"), gold, policy, rules=rules,
+                           prior_accuracy=qc.prior_accuracy if qc is not None else 0.8)
     store.write_table("presence_labels", result.labels)
     store.write_table("det_images", result.images)
     return result

@@ -22,7 +22,8 @@ ILSVRC 2013-2015 DET:
     devkit/data/map_det.txt             "<wnid> <index> <name>"; index k = class k (1-based, wnid order)
     ImageSets/DET/<split>.txt           "<file stem> <position>" per image of the split, in devkit order
     ImageSets/DET/train_<k>.txt         "<file stem> 1" if class k is present in the train image, "-1" if absent
-    Data/DET/<split>/<stem>.<ext>       the images (test too: its labels are in no file of the export)
+    Data/DET/<split>/<stem>.<ext>       the images, <stem> = <version>_<split>_<position> (test too: its labels are
+                                        in no file of the export)
     Annotations/DET/<split>/<stem>.xml  PASCAL VOC XML for every train and val image (none when nothing is present)
     devkit/data/image_ids.txt           "<file stem> <image_id>"
     ATTRIBUTION.csv, ATTRIBUTION.txt    credits per image file, as the classification export
@@ -284,6 +285,11 @@ def det_ground_truth(store: Store, version: str, split: str = "val") -> Any:
 
 
 # ------------------------------------------------------------------------------------------------- export
+def det_stem(version: str, split: str, position: int) -> str:
+    """File stem of the `position`-th image (1-based, devkit order) of a DET split: <version>_<split>_00000001."""
+    return f"{version}_{split}_{position:08d}"
+
+
 def export_det_devkit(store: Store, version: str, out: str | Path, *, images: bool = True) -> dict[str, int]:
     """Write the DET devkit layout of DET release `version` into folder `out` (see the module docstring)."""
     from pipeline.release.export import (
@@ -292,7 +298,6 @@ def export_det_devkit(store: Store, version: str, out: str | Path, *, images: bo
         _write,
         attribution_csv,
         attribution_text,
-        devkit_stem,
         voc_xml,
     )
     from pipeline.store import MissingKey
@@ -323,7 +328,7 @@ def export_det_devkit(store: Store, version: str, out: str | Path, *, images: bo
     for split in SPLIT_ORDER:
         lines = []
         for pos, image_id in enumerate(split_order(det_images, split), start=1):
-            stem = devkit_stem(version, split, pos)
+            stem = det_stem(version, split, pos)
             row = imgs.loc[image_id]
             ext = EXTENSIONS.get(str(row.format).upper(), "bin")
             rel = f"Data/DET/{split}/{stem}.{ext}"

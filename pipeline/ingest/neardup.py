@@ -100,11 +100,12 @@ def _plan(radius: int, n_hint: int) -> tuple[int, int]:
 
 def plan_lookup(radius: int, n_index: int, n_query: int, budget_bytes: float = 16e9) -> tuple[int, int]:
     """(m, k) for an index of `n_index` hashes kept on disk and queried by batches of `n_query` hashes: the
-    cheapest per-batch lookup (one binary search and ~n_index / 2**bits candidates per query hash and
-    combination) whose sorted values fit `budget_bytes` (8 bytes per hash and combination).
+    cheapest batch (per query hash and combination: a bucket lookup, ~50 ns, plus ~8 ns per candidate of the
+    ~n_index / 2**bits sharing its key, measured at 1 M and 4 M hashes; plus sorting the batch into the index's
+    log-structured segments) whose sorted values fit `budget_bytes` (8 bytes per hash and combination).
 
-    >>> plan_lookup(6, 14_000_000, 400_000), plan_lookup(6, 40_000, 4_000)
-    ((9, 3), (8, 2))
+    >>> plan_lookup(6, 14_000_000, 600_000), plan_lookup(6, 6_000_000, 600_000), plan_lookup(6, 60_000, 60_000)
+    ((9, 3), (9, 3), (8, 2))
     """
     best = None
     for m in range(radius + 1, min(64, radius + 12) + 1):
@@ -113,8 +114,9 @@ def plan_lookup(radius: int, n_index: int, n_query: int, budget_bytes: float = 1
         if n_keys > _MAX_COMBOS or 8.0 * n_index * n_keys > budget_bytes:
             continue
         bits = 64.0 * k / m
-        per_query = 60.0 + 2.0 * math.log2(max(n_index, 2)) + _NS_PER_CANDIDATE * n_index / 2.0**bits
-        cost = n_keys * (n_query * per_query + 2.0 * n_index / max(1, n_index // max(n_query, 1)))
+        lookup = 50.0 + 8.0 * n_index / 2.0**bits
+        build = _NS_PER_KEY * max(1.0, math.log2(max(n_index, 2) / max(n_query, 1)))
+        cost = n_keys * n_query * (lookup + build)
         if best is None or cost < best[0]:
             best = (cost, m, k)
     return (best[1], best[2]) if best else _plan(radius, n_index)
@@ -824,6 +826,14 @@ def _get_array(store: Any, key: str) -> np.ndarray:
     return np.load(io.BytesIO(store.get(key)), allow_pickle=False)
 
 
+def compatible(spec: dict[str, Any]) -> bool:
+    """Was a stored index (and the pairs found with it) built the way this code fingerprints and verifies?"""
+    return (list(spec.get("hash_columns", [])) == list(HASH_COLUMNS)
+            and list(spec.get("thumb_columns", [])) == list(THUMB_COLUMNS)
+            and spec.get("radius") == DEFAULT_RADIUS and spec.get("max_thumb_dist") == DEFAULT_MAX_THUMB_DIST
+            and [list(r) for r in spec.get("hash_pairs", [])] == [list(r) for r in HASH_PAIRS])
+
+
 class StoredIndex:
     """A NearDupIndex kept in a store: immutable segment folders (`segments/<name>/*.npy`) and numbered manifests
     (`manifests/<generation>.json`, each created with an exclusive put) naming the live segments.
@@ -858,8 +868,7 @@ class StoredIndex:
     def load(self, manifest: dict[str, Any]) -> NearDupIndex:
         """The index a manifest names; IndexMismatch if this code fingerprints or searches differently."""
         spec = manifest["index"]
-        if (list(spec["hash_columns"]) != list(HASH_COLUMNS) or list(spec["thumb_columns"]) != list(THUMB_COLUMNS)
-                or int(spec["radius"]) != DEFAULT_RADIUS or float(spec["max_thumb_dist"]) != DEFAULT_MAX_THUMB_DIST):
+        if not compatible(spec):
             raise IndexMismatch(f"the stored near-duplicate index was built with {spec}; this code uses hash columns "
                                 f"{list(HASH_COLUMNS)}, radius {DEFAULT_RADIUS}, thumbnail distance "
                                 f"{DEFAULT_MAX_THUMB_DIST}")
@@ -893,7 +902,8 @@ class StoredIndex:
     @staticmethod
     def spec(index: NearDupIndex) -> dict[str, Any]:
         return {"radius": index.radius, "max_thumb_dist": index.max_thumb_dist, "chunks": index.chunks,
-                "hash_columns": list(HASH_COLUMNS), "thumb_columns": list(THUMB_COLUMNS), "max_merge": index.max_merge}
+                "hash_columns": list(HASH_COLUMNS), "thumb_columns": list(THUMB_COLUMNS), "max_merge": index.max_merge,
+                "hash_pairs": [list(row) for row in HASH_PAIRS]}
 
     def commit(self, manifest: dict[str, Any]) -> None:
         """Publish a generation: an exclusive put, so of two merges racing for one generation only one lands

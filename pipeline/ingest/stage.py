@@ -70,7 +70,9 @@ _NULLABLE = {pa.uint64(): pd.UInt64Dtype(), pa.int64(): pd.Int64Dtype(), pa.int3
 _STATUS_RANK = {"rejected": 0, "accepted": 1, "duplicate": 2}
 COLLAPSE_FACTOR = 4
 COLLAPSE_SHARE = 0.25
-REBUILD_BATCH = 500_000  # images indexed at a time by a rebuild (bounds the candidate search's memory)
+# A stored index segment holds at most this many images: merging segments never re-sorts more at once (~8 GB of
+# sorted values at 6 hashes per image and 84 chunk combinations), and a rebuild indexes this many at a time.
+INDEX_MAX_MERGE = 2_000_000
 _DATA_NEUTRAL = frozenset({"OPTIMIZE", "VACUUM START", "VACUUM END", "CREATE CHECKPOINT"})
 
 
@@ -514,12 +516,45 @@ def _changed_outside(store: Any, manifest: dict[str, Any]) -> str | None:
             continue
         if seen is None or now is None or now < seen:
             return f"table {name!r} is at version {now}, the index recorded {seen}"
-        if pending:
+        if pending or _unchanged_since(store, name, seen):
             continue
-        ops = [h.get("operation") for h in store.table_history(name, now - seen) if int(h.get("version", -1)) > seen]
-        if any(op not in _DATA_NEUTRAL for op in ops):
-            return f"table {name!r} was written outside the ingest merge (version {seen} -> {now}: {sorted(set(ops))})"
+        return f"table {name!r} was written outside the ingest merge (version {seen} -> {now})"
     return None
+
+
+def _unchanged_since(store: Any, name: str, version: int | None) -> bool:
+    """Has working table `name` kept its rows since `version` (later commits only compaction or vacuum)?"""
+    now = store.table_version(name) if store.has_table(name) else None
+    if now == version:
+        return True
+    if now is None or version is None or now < version:
+        return False
+    return all(h.get("operation") in _DATA_NEUTRAL for h in store.table_history(name, now - version)
+               if int(h.get("version", -1)) > version)
+
+
+def near_pairs_covering(store: Any, images_version: int) -> pa.Table | None:
+    """near_pairs (image_id_a, image_id_b) when they hold every verified pair among the accepted images of this
+    version of the images table: the last ingest merge saw exactly these images and wrote these pairs, with the
+    search parameters pipeline.ingest.neardup uses now. None otherwise (then a reader searches)."""
+    from pipeline.ingest.neardup import StoredIndex, compatible
+
+    manifest = StoredIndex(store).latest()
+    if manifest is None or not store.has_table("near_pairs"):
+        return None
+    seen = manifest.get("tables", {})
+    if not compatible(manifest.get("index", {})):
+        return None
+    merged, pairs = seen.get("images"), seen.get("near_pairs")
+    if merged is None or pairs is None or images_version < merged:
+        return None
+    # the reader's version must hold the merge's rows: the same version, or only compaction / vacuum since
+    if images_version > merged:
+        now = store.table_version("images")
+        if not all(h.get("operation") in _DATA_NEUTRAL for h in store.table_history("images", now - merged)
+                   if merged < int(h.get("version", -1)) <= images_version):
+            return None
+    return store.read_table("near_pairs", columns=["image_id_a", "image_id_b"], version=pairs)
 
 
 def _index_summary(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -749,8 +784,8 @@ def _rebuild(store: Any, sidx: Any, manifest: dict[str, Any] | None, parts: list
     images = settle_images([table_frame(store.read_table("images", missing_ok=True)),
                             *[table_frame(store.read_table("images", key=k)) for k in parts]])
     accepted = images[images["status"] == "accepted"]
-    index = NearDupIndex(chunks=_index_chunks(len(accepted)))
-    found = [index.add_batch(accepted.iloc[i:i + REBUILD_BATCH])[0] for i in range(0, len(accepted), REBUILD_BATCH)]
+    index = NearDupIndex(chunks=_index_chunks(len(accepted)), max_merge=INDEX_MAX_MERGE)
+    found = [index.add_batch(accepted.iloc[i:i + INDEX_MAX_MERGE])[0] for i in range(0, len(accepted), INDEX_MAX_MERGE)]
     near = pairs_frame(pd.concat(found, ignore_index=True) if found else pd.DataFrame(), now)
     version = store.table_version("candidates") if store.has_table("candidates") else None
     candidates = store.read_table("candidates", columns=CANDIDATE_LINK_COLUMNS, version=version,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import inspect
 import json
 import os
 import tempfile
@@ -67,6 +66,7 @@ from pipeline.release.splits import (
     check_quota,
     class_quotas,
     class_then_key_order,
+    near_pair_drops,
     split_codes,
     split_keys,
     train_near_duplicates_rows,
@@ -313,14 +313,22 @@ def plan_release(
     *,
     neardup: bool = True,
     cross_duplicates: CrossDuplicates | None = None,
+    near_pairs: pa.Table | None = None,
+    first_urls: Callable[[np.ndarray], pa.Array] | None = None,
 ) -> Plan:
-    """Decide the release: accepted labels of accepted images, one primary class per image, splits."""
+    """Decide the release: accepted labels of accepted images, one primary class per image, splits.
+
+    `near_pairs` (image_id_a, image_id_b): the ingest stage's verified near-duplicate pairs, when they cover these
+    images; train images paired with a val/test image are then dropped without searching (`cross_duplicates`, when
+    given, searches instead). `first_urls(rows)`: the first_url of those images rows, when `images` lacks the column.
+    """
     stats: dict[str, Any] = {"input_labels": labels.num_rows, "input_images": images.num_rows}
     ok_rows = np.nonzero(_mask(pc.and_(pc.equal(images["status"], "accepted"), pc.is_valid(images["image_id"]))))[0]
-    # several URLs can resolve to one stored image: publish its first row
     index = IdIndex(images["image_id"], ok_rows)
     image_ids = index.ids
     image_row = ok_rows[index.first]
+    if len(image_ids) < len(ok_rows):
+        image_row = _smallest_url_rows(images, ok_rows, index, image_row, first_urls)
     wnids = pa.array(sorted(synsets["wnid"].to_pylist()), pa.string())
     n_cls = len(wnids)
     status = pc.value_counts(labels["status"]).to_pylist()
@@ -362,7 +370,15 @@ def plan_release(
     split = split_codes(prim_cls, keys, parent_codes, val_per_class=quotas[:, 0], test_per_class=quotas[:, 1])
 
     kept = np.ones(len(prim), dtype=bool)
-    if neardup:
+    if neardup and near_pairs is not None and cross_duplicates is None:
+        split_of = np.full(len(image_ids), -1, dtype=np.int64)
+        split_of[prim_img] = split
+        dropped = near_pair_drops(index.lookup(near_pairs["image_id_a"]), index.lookup(near_pairs["image_id_b"]),
+                                  split_of)
+        kept[np.isin(prim_img, dropped)] = False
+        stats["neardup_source"] = "near_pairs"
+    elif neardup:
+        stats["neardup_source"] = "search"
         wide = [c for c in ("storage_key", "first_url") if c in images.column_names]
         slim = images.drop_columns(wide)
         train, held = split == TRAIN, split != TRAIN
@@ -405,6 +421,27 @@ def plan_release(
         kept_from_parent=int(((parent_codes >= 0) & kept).sum()),
         stats=stats,
     )
+
+
+def _smallest_url_rows(images: pa.Table, ok_rows: np.ndarray, index: IdIndex, image_row: np.ndarray,
+                       first_urls: Callable[[np.ndarray], pa.Array] | None) -> np.ndarray:
+    """Several URLs resolve to one stored image: publish the row of its smallest URL, the one the ingest stage
+    keeps `accepted` (an images table with superseded versions still holds the URL that lost that place with an
+    older `accepted` status). Without URLs at hand, the first row."""
+    if "first_url" in images.column_names:
+        def first_urls(rows: np.ndarray) -> pa.Array:
+            return images["first_url"].take(pa.array(rows))
+    if first_urls is None:
+        return image_row
+    counts = np.bincount(index.codes, minlength=len(index.ids))
+    multi = counts[index.codes] > 1
+    rows, codes = ok_rows[multi], index.codes[multi]
+    urls = np.asarray(pc.fill_null(first_urls(rows), "").to_numpy(zero_copy_only=False), dtype=object)
+    order = np.lexsort((urls.astype(str), codes))
+    first = order[np.r_[True, codes[order][1:] != codes[order][:-1]]]
+    image_row = image_row.copy()
+    image_row[codes[first]] = rows[first]
+    return image_row
 
 
 def select_boxes(boxes: pa.Table, plan: Plan) -> tuple[pa.Table, int]:
@@ -755,46 +792,56 @@ def _finish_local_file(store: LocalStore, prefix: str, name: str, tmp: str) -> d
     return {"key": rel, "sha256": digest, "n_bytes": n_bytes}
 
 
+@dataclass
+class _Pin:
+    """One state of an input table, so that several reads of it see the same rows: a legacy single-file table
+    opened once (local), or a working table's version (any store: reads go through it, column by column)."""
+
+    file: pa.NativeFile | None = None
+    version: int | None = None
+
+
+def _pin(store: Store, name: str) -> _Pin:
+    if isinstance(store, LocalStore) and store.exists(f"tables/{name}.parquet"):
+        return _Pin(file=pa.OSFile(str(store.path(f"tables/{name}.parquet"))))  # not mmap: mapped pages count as RSS
+    return _Pin(version=store.table_version(name) if store.has_table(name) else None)
+
+
 def _read_input(store: Store, name: str, columns: list[str] | None = None, *, have: pa.Table | None = None,
-                source: pa.NativeFile | None = None) -> pa.Table:
+                source: _Pin | pa.NativeFile | None = None) -> pa.Table:
     """An input table, validated; with `columns` only those (row positions are the same as in the full table).
-    `have`: columns already read from the same table, reused instead of read and decoded again. `source`:
-    the table's file, opened once for several reads (they then see the same rows even if the table is
-    replaced in between)."""
-    if source is None and isinstance(store, LocalStore) and store.exists(f"tables/{name}.parquet"):
-        source = pa.OSFile(str(store.path(f"tables/{name}.parquet")))
-    if source is not None:
+    `have`: columns already read from the same table, reused instead of read and decoded again. `source`: the
+    table pinned once (`_pin`) for several reads (they then see the same rows even if the table changes in
+    between). Working tables are read through the store with column selection, so only the columns asked for
+    are fetched (from a folder or from S3 alike)."""
+    pin = source if isinstance(source, _Pin) else _Pin(file=source) if source is not None else _pin(store, name)
+    if pin.file is not None:
         if columns is not None:
-            return pq.read_table(source, columns=columns)
+            return pq.read_table(pin.file, columns=columns)
         if have is None:
-            return validate(name, pq.read_table(source))
-        names = pq.read_schema(source).names
-        rest = pq.read_table(source, columns=[c for c in names if c not in have.column_names])
+            return validate(name, pq.read_table(pin.file))
+        names = pq.read_schema(pin.file).names
+        rest = pq.read_table(pin.file, columns=[c for c in names if c not in have.column_names])
         return validate(name, pa.Table.from_arrays(
             [have.column(c) if c in have.column_names else rest.column(c) for c in names], names=names))
-    table = store.read_table(name)
-    return table.select(columns) if columns is not None else table
-
-
-def _input_file(store: Store, name: str) -> pa.NativeFile | None:
-    if isinstance(store, LocalStore) and store.exists(f"tables/{name}.parquet"):
-        return pa.OSFile(str(store.path(f"tables/{name}.parquet")))  # not mmap: mapped pages count as RSS
-    return None
+    if have is None:
+        return store.read_table(name, columns=columns, version=pin.version)
+    names = arrow_schema(name).names
+    rest = store.read_table(name, columns=[c for c in names if c not in have.column_names], version=pin.version)
+    return validate(name, pa.Table.from_arrays(
+        [have.column(c) if c in have.column_names else rest.column(c) for c in names], names=names))
 
 
 def _input_batches(store: Store, name: str, columns: list[str]) -> Any:
-    """Batches of `columns` of an input table, or None without the table. Local: read a row group at a time
-    (only what the caller keeps of each batch stays in memory)."""
+    """Batches of `columns` of an input table, or None without the table. Local single-file table: a row group
+    at a time (only what the caller keeps of each batch stays in memory); a working table: only those columns,
+    read through the store."""
     if not store.has_table(name):
         return None
     if isinstance(store, LocalStore) and store.exists(f"tables/{name}.parquet"):
         return pq.ParquetFile(str(store.path(f"tables/{name}.parquet"))).iter_batches(batch_size=1 << 20,
                                                                                       columns=columns)
-    if "columns" in inspect.signature(store.read_table).parameters:  # a store that reads only some columns
-        table = store.read_table(name, columns=columns)
-    else:
-        table = store.read_table(name).select(columns)
-    return table.to_batches(max_chunksize=1 << 20)
+    return store.read_table(name, columns=columns).to_batches(max_chunksize=1 << 20)
 
 
 def _read_optional(store: Store, name: str) -> pa.Table | None:
@@ -842,18 +889,36 @@ class ReleasePlan:
 
 
 def _decide(store: Store, policy: SplitPolicy, parent_df: pd.DataFrame | None, *, neardup: bool,
-            cross_duplicates: CrossDuplicates | None) -> tuple[pa.Table, pa.Table, pa.NativeFile | None, Plan]:
-    """Read what the decision needs and make it: (sorted synsets, narrow images, the images file, plan)."""
+            cross_duplicates: CrossDuplicates | None) -> tuple[pa.Table, pa.Table, _Pin, Plan]:
+    """Read what the decision needs and make it: (sorted synsets, narrow images, the pinned images table, plan)."""
     synsets = sorted_synsets(_read_input(store, "synsets"))
-    # deciding needs only a few image columns (ids, status, fingerprints for the near-duplicate search);
+    images_pin = _pin(store, "images")  # every image read below sees the same rows
+    near = _stored_near_pairs(store, images_pin) if neardup and cross_duplicates is None else None
+    # deciding needs only a few image columns (ids, status; fingerprints when the near-duplicate check must search);
     # the other columns are read afterwards, when labels and their temporaries are gone
     wide = {"storage_key", "first_url", "format", "reject_reason", "width", "height", "n_bytes", "fetched_at"}
-    cols = [c for c in arrow_schema("images").names if c not in wide] if neardup else ["image_id", "status"]
-    images_file = _input_file(store, "images")  # every image read below sees the same rows
-    narrow = _read_input(store, "images", cols, source=images_file)
+    search = neardup and near is None
+    cols = [c for c in arrow_schema("images").names if c not in wide] if search else ["image_id", "status"]
+    narrow = _read_input(store, "images", cols, source=images_pin)
+
+    def first_urls(rows: np.ndarray) -> pa.Array:
+        return _read_input(store, "images", ["first_url"], source=images_pin)["first_url"].take(pa.array(rows))
+
     plan = plan_release(synsets, narrow, _read_input(store, "labels"), policy, parent_df, neardup=neardup,
-                        cross_duplicates=cross_duplicates)
-    return synsets, narrow, images_file, plan
+                        cross_duplicates=cross_duplicates, near_pairs=near, first_urls=first_urls)
+    return synsets, narrow, images_pin, plan
+
+
+def _stored_near_pairs(store: Store, images: _Pin) -> pa.Table | None:
+    """The ingest stage's near_pairs when they cover exactly this state of the images table (so the leakage check
+    needs no search), else None."""
+    if images.file is not None or images.version is None:
+        return None
+    try:
+        from pipeline.ingest.stage import near_pairs_covering
+    except ImportError:  # the ingest stage is not in this build: search
+        return None
+    return near_pairs_covering(store, images.version)
 
 
 def plan_from_store(
@@ -902,8 +967,8 @@ def _build_files(
         a.stats["short_classes"] = short
         return a
     # staged: each big table is read, filtered, written and released before the next one is read
-    synsets, narrow, images_file, plan = _decide(store, policy, parent_df, neardup=neardup,
-                                                 cross_duplicates=cross_duplicates)
+    synsets, narrow, images_pin, plan = _decide(store, policy, parent_df, neardup=neardup,
+                                                cross_duplicates=cross_duplicates)
     short = check_splits(class_splits(plan, synsets), policy, force=force, what=what)  # before any write
     methods = qc_methods(plan.labels)
     pub.put("labels", plan.labels)  # written in the background while boxes are read and filtered
@@ -917,13 +982,13 @@ def _build_files(
     plan.image_ids = plan.image_keys = plan.primary_class = plan.other_pairs = None  # only image_rows is needed now
     _return_freed_memory()
     # attribution: the released rows' first URLs, matched against the candidates a row group at a time
-    first_urls = _read_input(store, "images", ["first_url"], source=images_file)["first_url"].take(
+    first_urls = _read_input(store, "images", ["first_url"], source=images_pin)["first_url"].take(
         pa.array(plan.image_rows))
     have_candidates = store.has_table("candidates")
     extra = image_extra(first_urls, _input_batches(store, "candidates", CANDIDATE_COLUMNS), roots)
     del first_urls
-    images = _read_input(store, "images", have=narrow, source=images_file)  # the plan's columns are not re-read
-    del narrow, images_file
+    images = _read_input(store, "images", have=narrow, source=images_pin)  # the plan's columns are not re-read
+    del narrow, images_pin
     pub.put("images", images, rows=plan.image_rows, extra=extra)
     del images
     pub.put("synsets", synsets)

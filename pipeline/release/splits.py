@@ -8,8 +8,8 @@ Rules, in order:
    inputs and salt always give the same split, whatever order the rows come in. A quota is a count, or a
    fraction in (0, 1) of the class's images (parent images included), rounded half up (`class_quotas`).
 3. Everything else is train; then train images that are near-duplicates of a val or test image are
-   dropped (pipeline.ingest.neardup.cross_duplicates), so an edited copy of a val image cannot be
-   trained on.
+   dropped, so an edited copy of a val image cannot be trained on: from the ingest stage's near_pairs table when
+   it covers the images (`near_pair_drops`), else by a search (pipeline.ingest.neardup.cross_duplicates).
 
     >>> import pandas as pd
     >>> primary = pd.DataFrame({"image_id": [f"i{k}" for k in range(6)], "wnid": ["n00000001"] * 6})
@@ -265,3 +265,19 @@ def train_near_duplicates_rows(
     if pairs is None or not len(pairs):
         return set()
     return set(pd.Series(pairs["query_image_id"]).astype(str))
+
+
+def near_pair_drops(code_a: np.ndarray, code_b: np.ndarray, split_of: np.ndarray) -> np.ndarray:
+    """Image codes of train images that a near-duplicate pair joins to a val or test image.
+
+    `code_a`, `code_b`: the pairs as image codes (-1: not a released image); `split_of`: split code per image code
+    (-1: no primary label). The same answer as `train_near_duplicates_rows` searching train against val/test, from
+    pairs already found (pipeline.ingest's near_pairs table).
+
+    >>> near_pair_drops(np.array([0, 1, 2, -1]), np.array([1, 2, 3, 0]), np.array([TRAIN, VAL, TRAIN, TEST])).tolist()
+    [0, 2]
+    """
+    ok = (code_a >= 0) & (code_b >= 0)
+    a, b = code_a[ok], code_b[ok]
+    sa, sb = split_of[a], split_of[b]
+    return np.unique(np.concatenate([a[(sa == TRAIN) & (sb > TRAIN)], b[(sb == TRAIN) & (sa > TRAIN)]]))

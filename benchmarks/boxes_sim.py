@@ -38,6 +38,7 @@ from crowd.simulate_boxes import (  # noqa: E402
     default_workers,
     draw_answer,
     evaluate,
+    extreme_answer,
     make_truth,
     run_inprocess,
     seconds,
@@ -48,6 +49,7 @@ from pipeline.boxes import (  # noqa: E402
     BoxesSettings,
     consolidate,
     det_box_tables,
+    extreme_points_to_box,
     iou_matrix,
     region_to_box,
 )
@@ -55,8 +57,9 @@ from pipeline.boxes import (  # noqa: E402
 ILSVRC = {"truly_covered_share": 0.979, "tight_share": 0.992, "worker_s_per_accepted_box": 35.0}
 
 
-def baseline(pairs: pd.DataFrame, truth: pd.DataFrame, drawers: int, seed: int) -> dict:
-    """No verification: each true object drawn by `drawers` workers, consolidated, accepted as is."""
+def baseline(pairs: pd.DataFrame, truth: pd.DataFrame, drawers: int, seed: int, kind: str = "draw") -> dict:
+    """No verification: each true object drawn (or extreme-clicked) by `drawers` workers, consolidated, accepted
+    as is."""
     rng = np.random.default_rng(seed)
     workers = default_workers(seed=seed)
     size = {r.image_id: (int(r.width), int(r.height)) for r in pairs.itertuples(index=False)}
@@ -69,9 +72,13 @@ def baseline(pairs: pd.DataFrame, truth: pd.DataFrame, drawers: int, seed: int) 
             for wi in rng.choice(len(workers), size=drawers, replace=False):
                 # each drawer is asked for object k (shown the others as done), as a per-object HIT would
                 shown = np.delete(t, k, axis=0)
-                value = draw_answer(workers[int(wi)], t, shown, w, h, rng)
-                secs += seconds(workers[int(wi)], "draw", rng)
-                box, _ = region_to_box(value, w, h)
+                if kind == "extreme":
+                    value = extreme_answer(workers[int(wi)], t, shown, w, h, rng)
+                    box, _ = extreme_points_to_box(value, w, h)
+                else:
+                    value = draw_answer(workers[int(wi)], t, shown, w, h, rng)
+                    box, _ = region_to_box(value, w, h)
+                secs += seconds(workers[int(wi)], kind, rng)
                 if box is not None:
                     drawn.append(box)
             n_tasks += 1
@@ -156,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         extreme = det_box_tables("extreme")
         det_setups = [
             ("DET extreme clicks: 2(+1) quality + 2(+1) coverage votes (default)", BoxesSettings(), extreme),
-            ("DET extreme clicks: 1(+1) quality + 1(+1) coverage votes",
-             BoxesSettings(quality_overlap=1, quality_max_votes=2, coverage_overlap=1, coverage_max_votes=2), extreme),
             ("DET extreme clicks: 1 quality + 1 coverage vote", BoxesSettings(**lean), extreme),
         ] if args.det else []
         all_setups = [(n, p, BOX_TABLES) for n, p in setups] + det_setups
@@ -174,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, m, time.perf_counter() - t0))
         if args.only_det:
             args.server = 0
+        if args.det:
+            t0 = time.perf_counter()
+            rows.append(("DET baseline: 1 extreme clicker per object, no verification",
+                         baseline(pairs, truth, 1, args.seed, kind="extreme"), time.perf_counter() - t0))
         for drawers in (() if args.only_det else (1, 3)):
             t0 = time.perf_counter()
             rows.append((f"baseline: {drawers} drawer(s) per object, no verification",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import wait_until
 from fixtures_labelstudio import browser_login
@@ -86,7 +87,7 @@ def test_presence_question_and_checklist_in_chromium(labelstudio, browser, artif
     sync(store, settings, client=admin)
     tasks = store.read_table("presence_tasks").to_pandas()
     (task,) = tasks.itertuples()
-    assert task.kind == "checklist" and task.parent_id is None
+    assert task.kind == "checklist" and pd.isna(task.parent_id)
     names = dict(zip(*(store.read_table("det_questions").to_pandas()[c] for c in ("node_id", "name")), strict=True))
     projects = provision_presence(admin, settings, store)
     open_stream(browser, labelstudio.url, projects["checklist"])

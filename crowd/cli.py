@@ -301,11 +301,21 @@ def ensure_instructions(client: CrowdClient, store: Any, settings: Any, project_
             examples = {}
     text = instructions_html(kind, synsets, examples)
     proj = client.get_json(f"/api/projects/{project_id}/")
-    if proj.get("expert_instruction") == text and proj.get("show_instruction"):
-        return False
+    if proj.get("show_instruction") and _shown(proj.get("expert_instruction") or "") == _shown(text):
+        return False  # Label Studio re-serialises the HTML it keeps (bleach): compare what a reader sees
     client.call(f"set the instructions of project {project_id}", client.sdk.projects.update, id=project_id,
                 expert_instruction=text, show_instruction=True)
     return True
+
+
+def _shown(markup: str) -> tuple[str, tuple[str, ...]]:
+    """What instructions show: their text (entities decoded, whitespace collapsed) and the images' sources."""
+    import html as html_mod
+    import re
+
+    srcs = tuple(html_mod.unescape(m) for m in re.findall(r'src="([^"]*)"', markup))
+    text = html_mod.unescape(re.sub(r"<[^>]+>", " ", markup))
+    return " ".join(text.split()), srcs
 
 
 def cmd_loop(args: argparse.Namespace, settings: Any) -> int:

@@ -311,11 +311,13 @@ def instructions_html(kind: str, synsets: list[dict[str, Any]], examples: dict[s
             "it does not." if kind != "grid" else
             "Each task shows a grid of photos and one class: tick <b>yes</b> under every photo that shows the class "
             "and leave the others unticked.")
-    ul = '<ul style="list-style: disc; padding-left: 1.5em; margin: 0.2em 0 0.6em">'
+    # Label Studio keeps only its safe tags and attributes (bleach; no style attribute), and its modal shows no
+    # list bullets: the markup below is what it stores unchanged, so `ensure_instructions` sees no difference
+    ul = "<ul>"
     out = [f"<h3>What to do</h3><p>{what} Judge by the definition, not only by the name. Not sure? Use "
            "<b>Skip</b>: a skipped task is no answer, and nobody is asked to guess.</p>",
-           "<h4>Counts as yes</h4>" + ul + "".join(f"<li>{esc(r)}</li>" for r in COUNTS_AS_YES) + "</ul>",
-           "<h4>Counts as no</h4>" + ul + "".join(f"<li>{esc(r)}</li>" for r in COUNTS_AS_NO) + "</ul>",
+           "<h4>Counts as yes</h4>" + ul + "".join(f"<li>&#8226; {esc(r)}</li>" for r in COUNTS_AS_YES) + "</ul>",
+           "<h4>Counts as no</h4>" + ul + "".join(f"<li>&#8226; {esc(r)}</li>" for r in COUNTS_AS_NO) + "</ul>",
            "<h4>Keys</h4>" + ul + "".join(f"<li><kbd>{k}</kbd> {v}</li>" for k, v in KEYS.get(kind, KEYS["verify"]))
            + "</ul>",
            "<p>Some tasks are checks whose answer is already known; answer them like any other.</p>"]
@@ -326,8 +328,7 @@ def instructions_html(kind: str, synsets: list[dict[str, Any]], examples: dict[s
         names = ", ".join(str(x) for x in lemmas) if isinstance(lemmas, list | tuple) or hasattr(lemmas, "tolist") \
             else str(lemmas or r["wnid"])
         shown = examples.get(r["wnid"], [])[:3]
-        pics = "".join(f'<img src="{esc(u, quote=True)}" alt="accepted example" style="height:72px;margin:2px"/>'
-                       for u in shown)
+        pics = " ".join(f'<img src="{esc(u, quote=True)}" alt="accepted example" height="72"/>' for u in shown)
         out.append(f"<dt><b>{esc(names)}</b> <small>({esc(str(r['wnid']))})</small></dt>"
                    f"<dd>{esc(str(r.get('gloss') or ''))}"
                    + (f"<br/>accepted examples: {pics}" if pics else "") + "</dd>")

@@ -523,7 +523,7 @@ def _logit(p: Any) -> Any:
 
 
 def fit_presence_model(long: pd.DataFrame, priors: pd.Series, gold: pd.Series | None = None, *,
-                       rules: Any = None, strength: float = SHRINK_STRENGTH, n_iter: int = 50,
+                       rules: Any = None, strength: float | None = None, n_iter: int = 50,
                        tol: float = 1e-6, prior_accuracy: float = 0.8) -> PresenceFit:
     """Dawid-Skene's two-coin worker model for sparse presence answers (pure numpy EM).
 
@@ -534,7 +534,8 @@ def fit_presence_model(long: pd.DataFrame, priors: pd.Series, gold: pd.Series | 
     Presence is sparse: a worker meets a handful of present objects among hundreds of absent ones, so a
     worker's own sensitivity is estimated from a handful of answers. Each worker's sensitivity and specificity
     are therefore shrunk toward the crowd's pooled ones (empirical Bayes, re-estimated every iteration) by
-    `strength` pseudo-answers; gold controls with known positives add exact evidence. Workers are flagged with
+    `strength` pseudo-answers (default: the spread of accuracies the crowd's agreement shows,
+    `pipeline.qc.prior.crowd_prior`, else SHRINK_STRENGTH); gold controls with known positives add exact evidence. Workers are flagged with
     the QC stage's rules (`pipeline.qc.workers.FlagRules`: answers independent of the image, adversarial, failing
     gold) and the model is refitted without their answers, as `AdaptiveConsensus` does.
 
@@ -595,6 +596,11 @@ def fit_presence_model(long: pd.DataFrame, priors: pd.Series, gold: pd.Series | 
             p = new
         return lbf, sens, spec, p, cs, cc
 
+    if strength is None:  # the crowd's own spread of accuracies (empirical Bayes, pipeline.qc.prior)
+        from pipeline.qc.prior import crowd_prior
+
+        crowd = crowd_prior(t_codes, w_codes, y.astype(np.int64), prior_accuracy, SHRINK_STRENGTH)
+        strength = crowd.strength if crowd.source == "crowd" else SHRINK_STRENGTH
     keep = np.ones(len(long), dtype=bool)
     lbf, sens, spec, p, cs, cc = em(keep)
     n_votes = np.bincount(w_codes, minlength=n_w)
@@ -960,7 +966,9 @@ def _gold_actions(actions: list[dict[str, Any]], units: list[dict[str, Any]], us
     if not n_new or not units:
         return []
     batches = -(-n_new // policy.gold_batch)
-    overlap = max(int(a["overlap"]) for a in actions)
+    # as many answers as a typical task of the push gets: controls are then ~gold_batch-th of the answers, as in
+    # ImageNetV2's HITs (6 of 48), and every worker of the batch is as likely to meet one
+    overlap = int(np.median([int(a["overlap"]) for a in actions]))
 
     def order(u: dict[str, Any]) -> tuple:
         k = (u["image_id"], u["parent_id"], tuple(u["node_ids"]))

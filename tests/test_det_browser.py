@@ -67,9 +67,9 @@ def pulled_votes(store, settings, admin, seen: int):
         sync(store, settings, client=admin)
         v = store.read_table("presence_votes", missing_ok=True).to_pandas()
         v = v[v["annotation_id"] > seen] if len(v) else v
-        return v if len(v) else None
+        return [v] if len(v) else None  # a list: wait_until tests truth, which a DataFrame refuses
 
-    return wait_until(fresh, 60, "the submitted presence answer")
+    return wait_until(fresh, 60, "the submitted presence answer")[0]
 
 
 def test_presence_question_and_checklist_in_chromium(labelstudio, browser, artifacts_dir, tmp_path):  # noqa: F811

@@ -126,6 +126,7 @@ def run_images(method: str, n: int, radius: int) -> dict:
     k = int(method.split("_")[1])
     cols = fp.HASH_COLUMNS[:k]
     nd.HASH_COLUMNS = cols  # the engine reads the hash columns from here: run it with the first k of them
+    nd.HASH_PAIRS = tuple(row[:k] for row in fp.HASH_PAIRS[:k])
     n_img = n // 4
     rng = np.random.default_rng(1)
     base = rng.integers(0, 2**64 - 1, n_img, dtype=np.uint64, endpoint=True)

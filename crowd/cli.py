@@ -61,21 +61,21 @@ def project_ids(client: CrowdClient, settings: Any, kinds: list[str]) -> list[in
 
 
 def cmd_push(args: argparse.Namespace, settings: Any) -> int:
-    from crowd.provision import cors_origin, ensure_bucket_cors, image_dir_of, provision
+    from crowd.provision import cors_origin, ensure_bucket_cors
     from crowd.push import PlanError, push
 
     client = admin_client(settings)
     store = store_from_settings(settings)
     plan = _read_plan(args.plan)
     try:
-        pid = provision(client, settings, kinds=[args.kind], overlap=args.overlap, image_dir=image_dir_of(store))[args.kind]
         ensure_bucket_cors(store, cors_origin(settings, client))
-        ensure_instructions(client, store, settings, pid, args.kind)
-        out = push(store, client, settings, project_id=pid, kind=args.kind, plan=plan)
+        # each request goes to a project of its overlap (n_more, or --overlap), opened by push when needed
+        out = push(store, client, settings, kind=args.kind, plan=plan, overlap=args.overlap)
+        for pid in out["projects"]:
+            ensure_instructions(client, store, settings, pid, args.kind)
     except (PlanError, CrowdError) as exc:
         raise _user_error(str(exc)) from None
-    print(f"pushed {out['pushed']} task(s) ({out['gold']} gold) to project {pid}; "
-          f"reconciled {out['adopted']} from an earlier run")
+    print(out["message"])
     return 0
 
 
@@ -367,7 +367,7 @@ def loop_round(client: CrowdClient, store: Any, settings: Any, kind: str, *, met
     team's situation (`team`, QC's team_note). Between steps it returns early once `stop` (a threading.Event) is
     set."""
     from crowd.gold import refresh_gold
-    from crowd.provision import cors_origin, ensure_bucket_cors, image_dir_of, provision
+    from crowd.provision import cors_origin, ensure_bucket_cors
     from crowd.pull import pull
     from crowd.push import push
     from crowd.status import block_flagged
@@ -401,10 +401,10 @@ def loop_round(client: CrowdClient, store: Any, settings: Any, kind: str, *, met
     if stop is not None and stop.is_set():
         return done()
     if qc["push_pairs"]:
-        pid = provision(client, settings, kinds=[kind], image_dir=image_dir_of(store))[kind]
         ensure_bucket_cors(store, cors_origin(settings, client))
-        ensure_instructions(client, store, settings, pid, kind)
-        pushed = push(store, client, settings, project_id=pid, kind=kind)
+        pushed = push(store, client, settings, kind=kind)  # to projects of each request's overlap
+        for pid in pushed["projects"]:
+            ensure_instructions(client, store, settings, pid, kind)
         said.append(f"pushed {pushed['pushed']} task(s) ({pushed['gold']} gold)" if pushed["pushed"] else
                     "pushed nothing new: the pairs QC asks about are still open in Label Studio")
     else:
@@ -429,7 +429,8 @@ def register_cli(subparsers: Any) -> None:
     push = sub.add_parser("push", help="push the QC push plan as tasks (provisions the project first)")
     push.add_argument("--plan", help="a plan file (Parquet or CSV: image_id, wnid, n_more) instead of the push_plan table")
     push.add_argument("--kind", default="verify", choices=sorted(KINDS))
-    push.add_argument("--overlap", type=int, help="project's annotations per task (default crowd.default_overlap)")
+    push.add_argument("--overlap", type=int, help="annotations per task for every request of this push (default: each "
+                      "plan row's n_more); they go to a project of that overlap, never changing a pushed task's")
     push.set_defaults(func=cmd_push)
     pull = sub.add_parser("pull", help="append new annotations to the votes table")
     pull.add_argument("--kind", action="append", default=None, choices=sorted(KINDS))

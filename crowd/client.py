@@ -28,6 +28,32 @@ log = logging.getLogger("synsetforge.crowd")
 T = TypeVar("T")
 
 
+EXPORT_CHUNK = 500  # task ids per export call: Django refuses more than 1,000 query parameters
+# Data Manager columns it computes per task with subqueries; a listing that hides them is about 3x cheaper
+DM_COMPUTED = [f"tasks:{c}" for c in (
+    "completed_at", "annotations_results", "predictions_results", "predictions_score", "annotators",
+    "annotations_ids", "predictions_model_versions", "avg_lead_time", "draft_exists", "updated_by", "file_upload",
+    "storage_filename", "comment_count", "unresolved_comment_count", "last_comment_updated_at", "comment_authors",
+    "reviewed", "reviewers", "agreement")]
+DATETIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # the Data Manager's filter format (UTC)
+
+
+def task_filter(column: str, operator: str, value: Any, kind: str) -> dict[str, Any]:
+    """One Data Manager filter item: column (`updated_at`, `id`, `is_labeled`, `data.request_id`, ...), operator
+    (`greater`, `less`, `equal`, `in_list`, ...), value, kind (`Datetime`, `Number`, `Boolean`, `String`). A
+    datetime value is written in the Data Manager's format, in UTC.
+
+        >>> from datetime import datetime, UTC
+        >>> task_filter("updated_at", "greater", datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), "Datetime")["value"]
+        '2026-01-02T03:04:05.000006Z'
+    """
+    if hasattr(value, "astimezone"):
+        from datetime import UTC
+
+        value = value.astimezone(UTC).strftime(DATETIME_FORMAT)
+    return {"filter": f"filter:tasks:{column}", "operator": operator, "type": kind, "value": value}
+
+
 class CrowdError(ServiceError):
     """Label Studio could not be reached, refused a request or answered something malformed; the message says
     what to do. `status` is the HTTP status of the last answer (None: no answer or an unreadable one)."""
@@ -211,11 +237,63 @@ class CrowdClient:
             page += 1
 
     def export_json(self, project_id: int, task_ids: list[int] | None = None) -> list[dict[str, Any]]:
-        """Annotated tasks of a project with their annotations, in one call (the project's JSON export)."""
+        """Annotated tasks of a project with their annotations (the project's JSON export); with `task_ids`, only
+        those tasks (annotated or not), asked in chunks (see `export_tasks`)."""
+        if task_ids is not None:
+            return self.export_tasks(project_id, task_ids)
         params: dict[str, Any] = {"exportType": "JSON", "download_all_tasks": "false"}
-        if task_ids:
-            params["ids"] = task_ids
         return self.request_json("GET", f"/api/projects/{project_id}/export", "export annotations", params=params)
+
+    def export_tasks(self, project_id: int, task_ids: list[int], chunk: int = EXPORT_CHUNK) -> list[dict[str, Any]]:
+        """These tasks of a project with their annotations, from the JSON export. Label Studio 1.23.2 reads the task
+        ids from `ids[]` (a plain `ids` is ignored and the whole project is exported) and Django refuses a request
+        of more than 1,000 parameters, so ids go `chunk` at a time."""
+        out: list[dict[str, Any]] = []
+        ids = [int(i) for i in task_ids]
+        for start in range(0, len(ids), chunk):
+            part = ids[start:start + chunk]
+            out += self.request_json("GET", f"/api/projects/{project_id}/export", f"export {len(part)} task(s)",
+                                     params={"exportType": "JSON", "download_all_tasks": "true", "ids[]": part})
+        return out
+
+    def iter_filtered_tasks(self, project_id: int, filters: list[dict[str, Any]], *, page_size: int = 1000,
+                            light: bool = True) -> Iterator[dict[str, Any]]:
+        """Tasks of a project matching Data Manager `filters` (see `task_filter`; all must hold), in id order,
+        page by page. `light`: the Data Manager computes none of its per-task columns (annotation results,
+        annotators, agreement, ...), which costs most of a listing; ids, data, updated_at, is_labeled and the
+        annotation counts are still there."""
+        query: dict[str, Any] = {"filters": {"conjunction": "and", "items": filters}, "ordering": ["tasks:id"]}
+        if light:
+            query["hiddenColumns"] = {"explore": DM_COMPUTED, "labeling": DM_COMPUTED}
+        text = json.dumps(query)
+        page = 1
+        while True:
+            try:
+                body = self.get_json("/api/tasks", project=project_id, page=page, page_size=page_size, query=text)
+            except CrowdError as exc:
+                if exc.status == 404 and page > 1:  # the Data Manager answers 404 past the last page
+                    return
+                raise
+            tasks = body.get("tasks", []) if isinstance(body, dict) else body
+            if not isinstance(tasks, list):
+                raise CrowdError(f"Label Studio at {self.url} answered a task listing with {type(tasks).__name__}",
+                                 status=None, transient=True)
+            yield from tasks
+            total = body.get("total") if isinstance(body, dict) else None
+            if len(tasks) < page_size or (total is not None and page * page_size >= total):
+                return
+            page += 1
+
+    def count_tasks(self, project_id: int, filters: list[dict[str, Any]]) -> int:
+        """How many tasks of a project match `filters` (one page of one task; the listing's total)."""
+        query = {"filters": {"conjunction": "and", "items": filters}, "ordering": ["tasks:id"],
+                 "hiddenColumns": {"explore": DM_COMPUTED, "labeling": DM_COMPUTED}}
+        body = self.get_json("/api/tasks", project=project_id, page=1, page_size=1, query=json.dumps(query))
+        total = body.get("total") if isinstance(body, dict) else None
+        if not isinstance(total, int):
+            raise CrowdError(f"Label Studio at {self.url} answered a task count without a total", status=None,
+                             transient=True)
+        return total
 
     # -- accounts (admin only) --------------------------------------------------------------------------
     def whoami(self) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from typing import Any
 import pandas as pd
 
 from crowd.client import CrowdClient, CrowdError
-from crowd.push import server_tasks
 from pipeline.errors import UserError
 from pipeline.store import Store
 
@@ -38,7 +37,7 @@ class WorkerUnknown(UserError):
 
 
 def synset_status(tasks: pd.DataFrame, remote: pd.DataFrame, votes: pd.DataFrame) -> pd.DataFrame:
-    """Pure: one row per wnid. A task is done when Label Studio says it has all its annotations."""
+    """Pure: one row per wnid. `remote`: task_id, is_labeled (done: the task has all its annotations)."""
     if tasks.empty:
         return pd.DataFrame(columns=["wnid", "tasks", "gold_tasks", "open", "done", "votes", "workers"])
     t = tasks.merge(remote[["task_id", "is_labeled"]], on="task_id", how="left")
@@ -58,12 +57,13 @@ def status(store: Store, client: CrowdClient | None, project_ids: list[int], set
     """Per synset tasks and votes; per worker the votes QC counts, the repeats it ignores, gold record and flags
     (`worker_records`, counted as `pipeline.qc.team.vote_accounting` counts: the same numbers as QC's `workers` table
     and the release report); with `settings`, the team's situation in words (`team`: see `pipeline.qc.team`)."""
+    from crowd.provision import read_projects, sync_projects
+    from crowd.pull import latest_votes
     from pipeline.qc.team import team_status, vote_accounting
 
     tasks = store.read_table("tasks", missing_ok=True).to_pandas()
-    votes = store.read_table("votes", missing_ok=True).to_pandas()
-    remote = pd.concat([server_tasks(client, p) for p in project_ids], ignore_index=True) if client and project_ids \
-        else pd.DataFrame({"task_id": pd.Series(dtype="int64"), "is_labeled": pd.Series(dtype=bool)})
+    votes = latest_votes(store.read_table("votes", missing_ok=True).to_pandas())
+    remote = task_done(store, tasks)
     worker_gold = store.read_table("worker_gold", missing_ok=True).to_pandas()
     qc_workers = store.read_table("workers", missing_ok=True).to_pandas()
     quarantine = store.read_table("quarantine", missing_ok=True).to_pandas()
@@ -72,12 +72,28 @@ def status(store: Store, client: CrowdClient | None, project_ids: list[int], set
     records = worker_records(worker_gold, qc_workers, counts=counts).drop(columns=["user_id", "blocked"])
     out = {"synsets": synset_status(tasks, remote, votes), "workers": records, "quarantined": len(quarantine),
            "gold": len(gold), "votes_pulled": int(counts["n_pulled"].sum()), "votes_counted": int(counts["n_votes"].sum()),
-           "repeats": int(counts["n_repeats"].sum()), "team": None}
+           "repeats": int(counts["n_repeats"].sum()), "team": None,
+           "projects": sync_projects(client, store, settings) if client is not None and settings is not None
+           else read_projects(store)}
     if settings is not None:
         labels = store.read_table("labels", missing_ok=True).to_pandas()
         plan = store.read_table("push_plan", missing_ok=True).to_pandas()
         out["team"] = team_status(votes, qc_workers, labels, plan, settings.qc)
     return out
+
+
+def task_done(store: Store, tasks: pd.DataFrame) -> pd.DataFrame:
+    """task_id, is_labeled (done) of the `tasks` rows, as of the last pull: done once the annotations pulled for a
+    task reach the overlap its request asked for (from the store alone: no task listing on the server)."""
+    from crowd.push import task_progress
+
+    if tasks.empty or not store.has_table("push_requests"):
+        return pd.DataFrame({"task_id": pd.Series(dtype="int64"), "is_labeled": pd.Series(dtype=bool)})
+    reqs = store.read_table("push_requests", columns=["request_id", "overlap"]).to_pandas()
+    t = tasks[["task_id", "request_id"]].merge(reqs, on="request_id", how="left")
+    want = t.groupby("task_id")["overlap"].max()
+    have = task_progress(store, tasks).reindex(want.index, fill_value=0)
+    return pd.DataFrame({"task_id": want.index.astype("int64"), "is_labeled": (have >= want.fillna(1)).to_numpy()})
 
 
 # -- workers --------------------------------------------------------------------------------------------

@@ -7,10 +7,12 @@ while QC still has votes to ask for; `block_workers` deactivates the Label Studi
 crowd.auto_block (or the `auto_block` Param) is on, and does nothing otherwise.
 
 Runs every 10 minutes and whenever ingest publishes new images (the `images` Asset). Every step is idempotent
-(pull dedupes by annotation id, push by request id with a write-ahead log), so any failed run is repaired by the
-next one. When QC has nothing left to ask (every synset settled or out of budget, or the pairs left need an annotator
-who has not voted on them yet) after new votes came in, the `settled` task publishes the `labels` Asset, which starts
-the box loop; otherwise it is skipped. Its message and the aggregate task's log say the team's situation in words
+(pull reads what changed since each project's watermark and dedupes by annotation id, push dedupes by request id with
+a write-ahead log and reconciles only the batch in doubt), so any failed run is repaired by the next one. Tasks go to
+sharded projects of one overlap each (crowd.project_size tasks per project; see crowd.provision). When QC has nothing
+left to ask (every synset settled or out of budget, or the pairs left need an annotator who has not voted on them yet)
+after new votes came in, the `settled` task publishes the `labels` Asset, which starts the box loop; otherwise it is
+skipped. Its message and the aggregate task's log say the team's situation in words
 (`team_note`: active annotators, pairs decided at the small-team bar, pairs that need a new annotator). Scheduled runs
 skip quietly on a machine with no Label Studio configured; a run started by hand fails and says what is missing.
 The Label Studio URL comes from the configuration or the `url` Param; the token and pseudonym key only from env.
@@ -60,14 +62,14 @@ def synsetforge_crowd():
     @task(outlets=[VOTES], **SERVER_RETRIES)
     @fail_fast
     def pull_votes(params=None, dag_run=None) -> dict:
-        from crowd.cli import project_ids
         from crowd.pull import pull
         from pipeline.dagtools import skip_scheduled_run_without_crowd
 
         settings = _settings(params)
         skip_scheduled_run_without_crowd(settings, dag_run)
         client, store = _client_and_store(settings)
-        return pull(store, client, settings, project_ids=project_ids(client, settings, [params["kind"]]))
+        out = pull(store, client, settings, kinds=[params["kind"]])  # the kind's projects that are not archived
+        return {k: v for k, v in out.items() if isinstance(v, (int, float, str, list))}
 
     @task
     @fail_fast
@@ -105,7 +107,7 @@ def synsetforge_crowd():
     @fail_fast
     def push_tasks(aggregated: dict, params=None) -> dict:
         from crowd.cli import ensure_instructions
-        from crowd.provision import cors_origin, ensure_bucket_cors, image_dir_of, provision
+        from crowd.provision import cors_origin, ensure_bucket_cors
         from crowd.push import push
 
         settings = _settings(params)
@@ -113,10 +115,11 @@ def synsetforge_crowd():
         if not store.has_table("push_plan"):
             return {"pushed": 0, "reason": "no push_plan table yet"}
         kind = params["kind"]
-        pid = provision(client, settings, kinds=[kind], image_dir=image_dir_of(store))[kind]
         ensure_bucket_cors(store, cors_origin(settings, client))
-        ensure_instructions(client, store, settings, pid, kind)
-        out = push(store, client, settings, project_id=pid, kind=kind)
+        out = push(store, client, settings, kind=kind)  # into the kind's projects of each request's overlap
+        for pid in out["projects"]:
+            ensure_instructions(client, store, settings, pid, kind)
+        print(out["message"])
         return {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
 
     @task(outlets=[LABELS])

@@ -175,9 +175,16 @@ class CrowdSettings(Section):
     token: SecretStr | None = None
     pseudonym_key: SecretStr | None = None
     gold_rate: float = Field(0.1, ge=0.0, lt=1.0, description="share of pushed tasks that are gold controls")
-    project_prefix: str = Field("synsetforge", min_length=1, description="project titles are '<prefix> <kind>'")
+    project_prefix: str = Field("synsetforge", min_length=1, description="project titles are '<prefix> <kind>', then "
+                                "'<prefix> <kind> <n>' for the kind's n-th project")
     default_overlap: int = Field(3, ge=1, description="annotations per task when the push plan says none")
     batch_size: int = Field(500, ge=1, le=10_000, description="tasks per import call")
+    project_size: int = Field(
+        50_000, ge=1, description="tasks per Label Studio project: a full project gets no more tasks and the next push "
+        "opens '<prefix> <kind> <n>'; a full project with no open task is archived and no longer pulled")
+    pull_lag_s: float = Field(
+        60.0, ge=0.0, description="pull asks for task changes since its watermark minus this many seconds, so an "
+        "annotation saved while the last pull ran is not missed (annotations read twice are dropped by their key)")
     files_root: str | None = Field(
         None, description="LOCAL_FILES_DOCUMENT_ROOT of the Label Studio server (default: the local store's root)")
     image_url_expiry_s: int = Field(7 * 24 * 3600, ge=60, description="lifetime of presigned S3 image URLs")

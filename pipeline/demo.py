@@ -190,8 +190,8 @@ def collect(store: Any, corpus: Corpus) -> pd.DataFrame:
 
 def crowd(store: Any, settings: Any, server: Any, corpus: Corpus, links: pd.DataFrame) -> list[Any]:
     """The crowd DAG (pull -> QC -> push) again and again, simulated annotators working between runs."""
-    from crowd.cli import project_ids
     from crowd.client import CrowdClient
+    from crowd.provision import kind_project_ids
     from crowd.simulate import Profile, controls_of, flagged_workers, make_annotators, routable, work
 
     answer = {(r.image_id, r.wnid): ("yes" if corpus.truth[r.name]["wnid"] == r.wnid else "no")
@@ -215,10 +215,13 @@ def crowd(store: Any, settings: Any, server: Any, corpus: Corpus, links: pd.Data
         if plan.num_rows == 0:
             print(f"{line} -> QC is done (settled task: {task_state(run, 'settled')})", flush=True)
             break
-        (project,) = project_ids(admin, settings, ["verify"])
-        # gold controls (the crowd DAG builds them) are answered like any task; their known answer is the truth
-        done = work(routable(annotators, flagged_workers(store), key), project, answer, seed=rnd,
-                    controls=controls_of(store))
+        # gold controls (the crowd DAG builds them) are answered like any task; their known answer is the truth;
+        # tasks are in one project per overlap QC asked for (crowd.provision)
+        done: dict[str, int] = {}
+        for project in kind_project_ids(admin, settings, "verify", store):
+            for who, n in work(routable(annotators, flagged_workers(store), key), project, answer, seed=rnd,
+                               controls=controls_of(store)).items():
+                done[who] = done.get(who, 0) + n
         print(f"{line}; annotators answered {sum(done.values())}", flush=True)
         if not pushed.get("pushed") and not sum(done.values()):
             print("  every annotator has judged the pairs QC still asks about; going on with the pending labels")

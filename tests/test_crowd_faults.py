@@ -99,7 +99,8 @@ def _world(ls, n: int):
     images = make_images(store, n, seed=4242 + n)
     write_synsets(store)
     settings = ls.settings(store)
-    pid = provision(ls.admin(), settings, image_dir=image_dir_of(store))["verify"]
+    # a project of the plan's overlap (2): push sends each request to a project of its own overlap
+    pid = provision(ls.admin(), settings, overlap=2, image_dir=image_dir_of(store))["verify"]
     plan = pd.DataFrame({"image_id": images["image_id"], "wnid": TENCH, "n_more": 2})
     return store, settings, pid, plan
 

@@ -11,7 +11,7 @@ from fixtures_labelstudio import crash_before_tasks_write, make_images, write_sy
 from crowd import push as push_mod
 from crowd.client import CrowdError
 from crowd.kinds import choices_result
-from crowd.provision import find_project, image_dir_of, provision
+from crowd.provision import find_project, image_dir_of, kind_project_ids, provision
 from crowd.pull import pull
 from crowd.push import push, server_tasks
 from crowd.simulate import Profile, work
@@ -195,7 +195,9 @@ def test_crowd_dag_pull_aggregate_push(labelstudio, airflow_db, monkeypatch):  #
     run = run_dag("synsetforge_crowd", conf)
     assert run.state == "success"
     assert len(store.read_table("tasks")) >= 4
-    work(labelstudio.annotators([Profile(accuracy=1.0)]), pid, truth)
+    [worker] = labelstudio.annotators([Profile(accuracy=1.0)])
+    for project in kind_project_ids(client, settings, "verify", store):  # QC's n_more picks the project's overlap
+        work([worker], project, truth)
     assert run_dag("synsetforge_crowd", conf).state == "success"
     assert len(store.read_table("votes")) >= 4
     assert find_project(client, f"{settings.crowd.project_prefix} verify")["id"] == pid
@@ -220,8 +222,8 @@ def _reconcile_until_settled(ls, store, settings, truth, workers, *, during_firs
         if states[-1]["settled"][0] == "success":  # published the labels Asset
             assert len(states) > 1 and all(st["settled"][0] == "skipped" for st in states[:-1])
             return states
-        pid = find_project(ls.admin(), f"{settings.crowd.project_prefix} verify")["id"]
-        work(workers, pid, truth, seed=rnd)
+        for pid in kind_project_ids(ls.admin(), settings, "verify", store):  # one project per overlap asked
+            work(workers, pid, truth, seed=rnd)
     raise AssertionError(f"not settled after {max_rounds} rounds: {states}")
 
 
@@ -269,9 +271,8 @@ def test_label_studio_restarting_during_the_reconcile_loop_ends_as_a_clean_loop(
             assert labelstudio.server.pid != pid_before, "Label Studio was not restarted"
             assert states[0]["push_tasks"][0] == "success"
         client = labelstudio.admin()
-        pid = find_project(client, f"{settings.crowd.project_prefix} verify")["id"]
         tasks, votes = store.read_table("tasks").to_pandas(), store.read_table("votes").to_pandas()
-        remote = server_tasks(client, pid)
+        remote = pd.concat([server_tasks(client, p) for p in kind_project_ids(client, settings, "verify", store)])
         assert len(remote) == len(tasks) and remote["request_id"].is_unique and tasks["request_id"].is_unique
         assert votes["annotation_id"].is_unique
         labels = store.read_table("labels").to_pandas()
@@ -287,7 +288,8 @@ def test_label_studio_restarting_during_the_reconcile_loop_ends_as_a_clean_loop(
 def test_a_simulated_annotator_skips_a_pair_it_already_judged(labelstudio):  # noqa: F811
     """QC counts one vote per worker and pair, so a repeated pair is skipped (Label Studio's Skip) by whoever
     judged it and answered by someone else; the skip never becomes a vote."""
-    store, settings, client, pid, plan, truth = _setup(labelstudio, 1, 0, gold_rate=0.0)
+    store, settings, client, _, plan, truth = _setup(labelstudio, 1, 0, gold_rate=0.0)
+    pid = provision(client, settings, overlap=1, store=store)["verify"]  # the plan asks one vote: a project of 1
     one = plan.assign(n_more=1)
     a, b = labelstudio.annotators([Profile(accuracy=1.0), Profile(accuracy=1.0)])
     assert push(store, client, settings, project_id=pid, plan=one)["pushed"] == 1

@@ -95,6 +95,7 @@ ATTEMPTS = 40  # commit attempts before an append gives up (each re-reads the lo
 DEFAULT_RETENTION = timedelta(days=30)  # vacuum keeps every version this young readable (audit, time travel)
 MIN_RETENTION = timedelta(hours=1)
 ROW_GROUP_ROWS = 128 * 1024  # row groups filters can skip
+PARTITION_ROWS = 16 * 1024  # replace_rows: rows per data file (a rewrite touches the files holding the values)
 
 
 def _uint64_fields(name: str) -> list[str]:
@@ -234,9 +235,10 @@ class Store(ABC):
         return None  # delta-rs' own object store
 
     def _write_files(self, name: str, table: pa.Table, *, stem: str | None = None,
-                     rows_per_file: int = 4_000_000) -> list[Any]:
+                     rows_per_file: int = 4_000_000, cut_by: str | None = None) -> list[Any]:
         """Write `table` as data file(s) of the Delta table `name` through this store's atomic put; returns
-        their add actions (with min/max statistics, so filters skip files). Nothing is committed yet."""
+        their add actions (with min/max statistics, so filters skip files). Nothing is committed yet. With
+        `cut_by` (rows sorted by that column), files end only where its value changes."""
         from deltalake.transaction import AddAction
 
         stored = _to_delta(name, table)
@@ -244,8 +246,10 @@ class Store(ABC):
             return []
         stem = stem or f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
         actions = []
-        for i, start in enumerate(range(0, stored.num_rows, rows_per_file)):
-            piece = stored.slice(start, rows_per_file)
+        bounds = (_cuts(stored.column(cut_by), rows_per_file) if cut_by
+                  else list(range(0, stored.num_rows, rows_per_file)) + [stored.num_rows])
+        for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            piece = stored.slice(start, stop - start)
             sink = pa.BufferOutputStream()
             pq.write_table(piece, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS)
             data = sink.getvalue().to_pybytes()
@@ -438,6 +442,121 @@ class Store(ABC):
         if before is not None and (before == committed - 1 or (before == _ABSENT and committed == 0)):
             self._seen[name] = committed  # only this writer changed the table since it read it
 
+    def replace_rows(self, name: str, data: Any, *, column: str, values: Sequence[Any] | None,
+                     rows_per_file: int = PARTITION_ROWS) -> int:
+        """Replace the rows whose `column` is one of `values` by `data` (with `values` None: every row) in one
+        commit; returns the version committed. Rows are kept sorted by `column` and data files end only where
+        its value changes (about `rows_per_file` rows each), so one value's rows sit in one file or a few: only
+        the files whose statistics may hold `values` are rewritten (their other rows copied over), and the cost
+        follows the rows of those files, not the table. Every row of `data` must have its `column` in `values`.
+        With `values` None, `data` may also be an iterable of tables (in `column` order), written file by file,
+        so a table larger than memory can be replaced. Same conflict rule as `write_table`: if this Store read
+        the table and another writer changed its rows since, TableConflict and nothing is written."""
+        _check_name(name)
+        if column not in arrow_schema(name).names:
+            raise SchemaError(f"table {name!r} has no column {column!r}")
+        expected = self._seen.get(name)
+        if values is None:
+            chunks = [data] if isinstance(data, pa.Table) or hasattr(data, "columns") else data
+            actions: list[Any] = []
+            stem = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+            try:
+                for i, chunk in enumerate(chunks):
+                    rows = validate(name, chunk)
+                    rows = rows.sort_by([(column, "ascending")]) if rows.num_rows else rows
+                    actions += self._write_files(name, rows, stem=f"{stem}-{i:05d}", rows_per_file=rows_per_file,
+                                                 cut_by=column)
+                committed = self._overwrite(name, actions, expected, exclusive=False)
+            except BaseException:
+                self._discard(name, actions)
+                raise
+            self._seen[name] = committed
+            self._drop_legacy(name)
+            return committed
+        table = validate(name, data)
+        wanted = pa.array(sorted(set(values)), type=table.schema.field(column).type)
+        if table.num_rows and not pc.all(pc.is_in(table.column(column), value_set=wanted)).as_py():
+            raise StoreError(f"replace_rows({name!r}): data holds {column} values outside the ones replaced")
+        self._convert_legacy(name)
+        from deltalake.transaction import RemoveAction
+
+        for attempt in range(ATTEMPTS):
+            dt = self._open(name)
+            if dt is None:
+                if expected not in (None, _ABSENT):
+                    raise TableConflict(f"table {name!r} at {self.url} was removed after this step read it; rerun the step")
+                actions = self._write_files(name, table.sort_by([(column, "ascending")]), rows_per_file=rows_per_file,
+                                            cut_by=column)
+                if self._create(name, actions, operation="replace"):
+                    self._seen[name] = 0
+                    return 0
+                self._discard(name, actions)
+                if expected == _ABSENT:
+                    raise TableConflict(f"table {name!r} at {self.url} was created by another writer after this step "
+                                        "read it; nothing was written: rerun the step")
+                continue
+            if expected == _ABSENT or (expected is not None and self._changed_since(name, dt, expected)):
+                raise TableConflict(f"table {name!r} at {self.url} changed after this step read it; nothing was "
+                                    "written: rerun the step")
+            touched = _files_holding(dt, column, wanted)
+            kept = self._read_files(dt, name, touched)
+            if kept.num_rows:
+                kept = kept.filter(pc.invert(pc.is_in(kept.column(column), value_set=wanted)))
+            rows = pa.concat_tables([kept, table]) if kept.num_rows else table
+            adds = self._write_files(name, rows.sort_by([(column, "ascending")]), rows_per_file=rows_per_file,
+                                     cut_by=column) if rows.num_rows else []
+            now = int(time.time() * 1000)
+            try:
+                committed = self._commit(dt, name, [*(RemoveAction(p, True, now) for p in touched), *adds],
+                                         mode="append", operation="replace")
+            except _commit_failed():
+                self._discard(name, adds)
+                _backoff(attempt)  # another commit landed: read the files again on the newer snapshot
+                continue
+            except BaseException:
+                self._discard(name, adds)
+                raise
+            self._seen[name] = committed
+            return committed
+        raise TableConflict(f"table {name!r} at {self.url}: {ATTEMPTS} replace attempts lost to other writers")
+
+    def _read_files(self, dt: Any, name: str, paths: Sequence[str]) -> pa.Table:
+        """The rows of these data files of the snapshot (file names as in its add actions), in name order."""
+        if not paths:
+            return _to_delta(name, empty_table(name))
+        tables = [pq.read_table(io.BytesIO(self.get(f"{table_prefix(name)}{p}"))) for p in sorted(paths)]
+        return _conform(name, pa.concat_tables(tables, promote_options="default"), None)
+
+    def read_changes(self, name: str, since: int, *, columns: Sequence[str] | None = None) -> pa.Table | None:
+        """The rows the commits after version `since` added to the working table (`since` -1: since it was
+        created), in commit order, reading only the files they added; None when one of those commits removed
+        or replaced rows (an overwrite, `replace_rows`), when a file they added is gone (vacuumed) or their log
+        entries are: the caller then reads the table whole. Compaction and vacuum commits add no rows."""
+        dt = self._open(name)
+        if dt is None or dt.version() < since:
+            return None
+        try:
+            entries = self._commits_since(name, dt, since)
+        except MissingKey:
+            return None
+        paths = []
+        for entry in entries:
+            for action in entry:
+                if "remove" in action and action["remove"].get("dataChange", True):
+                    return None
+                if "add" in action and action["add"].get("dataChange", True):
+                    paths.append(action["add"]["path"])
+        wanted = _check_columns(name, columns)
+        parts = []
+        for path in paths:
+            try:
+                parts.append(pq.read_table(io.BytesIO(self.get(f"{table_prefix(name)}{path}")), columns=wanted))
+            except MissingKey:
+                return None
+        if not parts:
+            return _conform(name, empty_table(name), columns)
+        return _conform(name, pa.concat_tables(parts, promote_options="default"), columns)
+
     def _existing_keys(self, dt: Any, name: str, keys: list[str], new: pa.Table) -> pa.Table:
         values = pc.unique(new.column(keys[0]))
         if pa.types.is_integer(values.type) or pa.types.is_string(values.type):
@@ -600,6 +719,43 @@ def _stats(table: pa.Table) -> str:
             mm = pc.min_max(column)
             mins[field.name], maxs[field.name] = mm["min"].as_py(), mm["max"].as_py()
     return json.dumps({"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
+
+
+def _cuts(column: pa.ChunkedArray, rows_per_file: int) -> list[int]:
+    """File boundaries for rows sorted by `column`: about `rows_per_file` rows each, ending where the value changes."""
+    n = len(column)
+    values = column.to_numpy(zero_copy_only=False)
+    import numpy as np
+
+    change = np.flatnonzero(values[1:] != values[:-1]) + 1 if n > 1 else np.zeros(0, dtype=np.int64)
+    starts = np.concatenate([[0], change, [n]]).astype(np.int64)
+    bounds, last = [0], 0
+    for s in starts[1:-1]:
+        if s - last >= rows_per_file:
+            bounds.append(int(s))
+            last = int(s)
+    bounds.append(n)
+    return bounds
+
+
+def _files_holding(dt: Any, column: str, values: pa.Array) -> list[str]:
+    """Data files of the snapshot whose min/max statistics of `column` may hold one of `values` (sorted)."""
+    import numpy as np
+
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    paths = actions.column("path").to_pylist()
+    lo_name, hi_name = f"min.{column}", f"max.{column}"
+    if lo_name not in actions.column_names or not len(paths):
+        return paths
+    lo = actions.column(lo_name).to_pylist()
+    hi = actions.column(hi_name).to_pylist()
+    vals = np.array(values.to_pylist(), dtype=object)
+    out = []
+    for p, a, b in zip(paths, lo, hi, strict=True):
+        i = int(np.searchsorted(vals, a, side="left")) if a is not None and len(vals) else 0
+        if a is None or b is None or (i < len(vals) and vals[i] <= b):  # no statistics: it may hold them
+            out.append(p)
+    return out
 
 
 def _key_frame(table: pa.Table, keys: list[str]) -> Any:

@@ -111,6 +111,7 @@ def test_presence_question_and_checklist_in_chromium(labelstudio, browser, artif
     (task,) = store.read_table("presence_tasks").to_pandas().itertuples()
     assert task.kind == "question"
     question = store.read_table("det_questions").to_pandas().set_index("node_id").loc[task.node_ids[0], "question"]
+    projects = provision_presence(admin, settings, store)  # this store's projects (its own prefix)
     open_stream(browser, labelstudio.url, projects["question"])
     wait_for_text(browser, question)
     ActionChains(browser).send_keys("1").perform()

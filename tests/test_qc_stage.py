@@ -48,6 +48,8 @@ def test_run_qc_writes_tables_and_is_idempotent(tmp_path):
     t1 = {n: store.read_table(n).to_pandas() for n in ("labels", "workers", "push_plan")}
     s2 = run_qc(store, settings, pairs=pairs)
     t2 = {n: store.read_table(n).to_pandas() for n in ("labels", "workers", "push_plan")}
+    r1, r2 = s1.pop("qc_round"), s2.pop("qc_round")
+    assert (r1["mode"], r2["mode"]) == ("full", "unchanged")  # the second round has nothing new to decide
     assert s1 == s2
     for name in t1:
         pd.testing.assert_frame_equal(t1[name], t2[name])

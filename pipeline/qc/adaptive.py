@@ -46,23 +46,32 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.qc.base import NO, YES, Aggregator, QCInputError, check_long, counts, empty_encoded, encode
-from pipeline.qc.dawid_skene import EPS, DawidSkene
+from pipeline.qc.base import NO, YES, Aggregator, QCInputError, check_long, empty_encoded, encode
+from pipeline.qc.dawid_skene import DawidSkene
+from pipeline.qc.engine import (
+    DECISION_COLUMNS,
+    DRIFT_LOG_ODDS,
+    Chunks,
+    Fit,
+    Params,
+    adaptive_decisions,
+    apply_budget,
+    fit_model,
+    logit,
+    loo_posterior,
+)
 from pipeline.qc.prior import CrowdPrior, crowd_prior, fixed_prior
-from pipeline.qc.workers import WORKER_COLUMNS, FlagRules, confusion, gold_stats, wilson_upper, worker_table
+from pipeline.qc.workers import WORKER_COLUMNS, FlagRules
 
-DRIFT_LOG_ODDS = float(np.log(4.0))  # fitted class share this far (odds ratio 4) from the moments' share: held there
-DECISION_COLUMNS = ["group", "n_votes", "n_yes", "n_used", "p_yes", "status", "n_more", "reason"]
-
-
-def _logit(p: np.ndarray | float) -> Any:
-    p = np.clip(p, 1e-15, 1 - 1e-15)
-    return np.log(p / (1 - p))
+__all__ = ["DECISION_COLUMNS", "DRIFT_LOG_ODDS", "AdaptiveConsensus", "apply_budget", "crowd_prior", "expected_errors",
+           "fixed_prior", "group_precision", "leave_one_out_posterior"]
+_logit = logit
 
 
 class AdaptiveConsensus(Aggregator):
     """Worker-aware posterior + stopping rule. After `fit`: decisions_ (per task), workers_ (per worker),
-    precision_ (per group), and the Aggregator attributes probas_, labels_, skills_."""
+    precision_ (per group), fit_ (the integer-coded `pipeline.qc.engine.Fit`), and the Aggregator attributes
+    probas_, labels_, skills_. The work is `pipeline.qc.engine.fit_model`, which QC's rounds run too."""
 
     def __init__(self, accept_at: float = 0.99, reject_at: float = 0.01, max_votes: int = 10, initial_votes: int = 2,
                  max_batch: int | None = None, budget_per_group: int | None = None, prior_accuracy: float = 0.8,
@@ -81,21 +90,13 @@ class AdaptiveConsensus(Aggregator):
         self.class_prior_strength = class_prior_strength
         self.calibrated, self.prior_min_workers = calibrated, prior_min_workers
 
-    def _ds(self, prior: CrowdPrior | None = None, yes_share: float | None = None) -> DawidSkene:
-        return DawidSkene(n_iter=self.n_iter, tol=self.tol, prior_strength=self.prior_strength,
-                          prior_accuracy=self.prior_accuracy, labels=(NO, YES),
-                          class_prior_strength=self.class_prior_strength,
-                          prior_matrix=None if prior is None or prior.source != "crowd" else prior.matrix(2),
-                          class_prior=None if yes_share is None else (1.0 - yes_share, yes_share))
-
-    def _prior(self, data: pd.DataFrame) -> CrowdPrior:
-        if not self.calibrated:
-            return fixed_prior(self.prior_accuracy, self.prior_strength, "calibrated is off")
-        if not len(data):
-            return fixed_prior(self.prior_accuracy, self.prior_strength, "no answers yet")
-        enc = encode(data, (NO, YES))
-        return crowd_prior(enc.task, enc.worker, enc.label, self.prior_accuracy, self.prior_strength,
-                           min_workers=self.prior_min_workers)
+    @property
+    def params(self) -> Params:
+        return Params(accept_at=self.accept_at, reject_at=self.reject_at, max_votes=self.max_votes,
+                      initial_votes=self.initial_votes, max_batch=self.max_batch, budget_per_group=self.budget_per_group,
+                      prior_accuracy=self.prior_accuracy, prior_strength=self.prior_strength, n_iter=self.n_iter,
+                      tol=self.tol, rules=self.rules, class_prior_strength=self.class_prior_strength,
+                      calibrated=self.calibrated, prior_min_workers=self.prior_min_workers)
 
     def fit(self, data: pd.DataFrame, true_labels: pd.Series | None = None, tasks: Iterable[Any] | None = None,
             groups: pd.Series | None = None) -> AdaptiveConsensus:
@@ -107,93 +108,36 @@ class AdaptiveConsensus(Aggregator):
         if len(gold) and not gold.isin([YES, NO]).all():
             raise QCInputError(f"gold answers must be 'yes' or 'no', got {sorted(set(gold) - {YES, NO})[:5]}")
         enc = encode(data, (NO, YES)) if len(data) else empty_encoded()
+        gold_arr = np.full(enc.n_tasks, -1, dtype=np.int64)
         gold_t = enc.tasks.get_indexer(gold.index)
-        gold_l = np.where(gold.to_numpy() == YES, 1, 0)
-        gold_pairs = (gold_t[gold_t >= 0], gold_l[gold_t >= 0])
+        gold_arr[gold_t[gold_t >= 0]] = np.where(gold.to_numpy() == YES, 1, 0)[gold_t >= 0]
+        params = self.params
+        fit = fit_model(Chunks.of(enc.task, enc.worker, enc.label, enc.n_tasks, enc.n_workers), gold_arr, params,
+                        names=enc.workers)
+        wt = fit.table
 
-        # 1. gold failures first (hard evidence), then a model fit without them -> worker table and flags
-        gold_n, gold_correct = gold_stats(enc, gold_pairs[0], gold_pairs[1])
-        r = self.rules
-        failed = (gold_n >= r.min_gold) & (wilson_upper(gold_correct, gold_n) < r.gold_min_accuracy)
-        not_failed = ~failed[enc.worker] if len(data) else np.zeros(0, dtype=bool)
-        ds_all = self._ds().fit(data[not_failed], true_labels=gold if len(gold) else None)
-        probas_all = np.tile(ds_all.priors_array_, (enc.n_tasks, 1))
-        if not_failed.any():
-            pos_all = ds_all.encoded_.tasks.get_indexer(enc.tasks)
-            probas_all[pos_all >= 0] = ds_all.probas_array_[pos_all[pos_all >= 0]]
-        errors = confusion(enc, probas_all, pseudo=self.prior_strength / 4 or 1e-3)
-        wt = worker_table(enc, probas_all, errors, gold_pairs[0], gold_pairs[1], self.rules)
-        dropped = set(wt.loc[~wt["votes_used"], "worker"])
-        keep = ~data["worker"].astype(str).isin(dropped).to_numpy() if len(data) else np.zeros(0, dtype=bool)
-
-        # 2. posterior from unflagged workers only; calibrated: each shrunk toward the crowd's prior, the class
-        # share held when the fit drifts off it, and every vote weighed by its worker's record on other tasks
-        prior = self._prior(data[keep])
-        fit_gold = gold if len(gold) else None
-        ds = self._ds(prior).fit(data[keep], true_labels=fit_gold)
-        self.class_prior_note_ = "fitted"
-        if prior.source == "crowd" and keep.any():
-            fitted = float(ds.priors_array_[1])
-            if abs(float(_logit(fitted)) - float(_logit(prior.yes_share))) > DRIFT_LOG_ODDS:
-                # weak votes leave the class share nearly unconstrained, and EM can slide to "every image is
-                # bad" (each worker's yes-rate then fits one column of their matrix): hold it at the moments
-                ds = self._ds(prior, prior.yes_share).fit(data[keep], true_labels=fit_gold)
-                self.class_prior_note_ = (f"held at the crowd's estimate {prior.yes_share:.3f} (the fit drifted "
-                                          f"to {fitted:.3f})")
-        prior_yes = float(ds.priors_array_[1]) if keep.any() else 0.5
-        p_fit = ds.probas_array_[:, 1] if keep.any() else np.zeros(0)
-        if keep.any() and self.calibrated:
-            p_fit = leave_one_out_posterior(ds, prior.matrix(2), gold.index)
-        p_kept = pd.Series(p_fit, index=ds.encoded_.tasks, dtype=float)
-        skills_kept = ds.skills_ if keep.any() else pd.Series(dtype=float)
-        used_votes = keep.astype(np.float64)
-
-        # 3. decisions for every non-gold task
-        c = counts(enc.task, enc.label, enc.n_tasks, 2)
-        used = np.bincount(enc.task, weights=used_votes, minlength=enc.n_tasks) if enc.n_tasks else np.zeros(0)
+        # decisions for every non-gold task
         all_tasks = pd.Index(pd.unique(pd.Index(list(tasks)).append(enc.tasks)) if tasks is not None else enc.tasks,
                              name="task")
         all_tasks = all_tasks[~all_tasks.isin(gold.index)]
         pos = enc.tasks.get_indexer(all_tasks)
         voted = pos >= 0
-        n_votes = np.where(voted, c[pos, :].sum(axis=1), 0).astype(np.int64) if enc.n_tasks else np.zeros(len(all_tasks), np.int64)
-        n_yes = np.where(voted, c[pos, 1], 0).astype(np.int64) if enc.n_tasks else np.zeros(len(all_tasks), np.int64)
-        n_used = np.where(voted, used[pos], 0).astype(np.int64) if enc.n_tasks else np.zeros(len(all_tasks), np.int64)
-        p_yes = p_kept.reindex(all_tasks).fillna(prior_yes).to_numpy()
-        status = np.where(p_yes >= self.accept_at, "accepted", np.where(p_yes <= self.reject_at, "rejected", "pending"))
-        status = np.where(n_used == 0, "pending", status)  # the class prior alone never decides an image
-
-        # what one more vote from a typical (vote-weighted) unflagged worker adds, in log-odds
-        acc = float(np.average(skills_kept.to_numpy(), weights=np.bincount(
-            ds.encoded_.worker, minlength=len(skills_kept)))) if len(skills_kept) else self.prior_accuracy
-        step = float(_logit(min(max(acc, 0.6), 0.95)))
-        lo = _logit(p_yes)
-        gap = np.where(lo >= 0, _logit(self.accept_at) - lo, lo - _logit(self.reject_at))
-        room = np.maximum(self.max_votes - n_votes, 0)
-        need = np.maximum(np.ceil(gap / step), 1).astype(np.int64)
-        need = np.where(n_votes == 0, self.initial_votes, need)
-        if self.max_batch:
-            need = np.minimum(need, self.max_batch)
-        need = np.minimum(need, room)
-        pending = status == "pending"
-        reason = np.where(~pending, "decided", np.where(room == 0, "cap", np.where(n_votes == 0, "new", "uncertain")))
-        n_more = np.where(pending, need, 0)
-
+        at = lambda a, fill: np.where(voted, a[np.maximum(pos, 0)], fill) if enc.n_tasks else np.full(len(pos), fill)  # noqa: E731
+        n_votes, n_yes, n_used = at(fit.n_votes, 0), at(fit.n_yes, 0), at(fit.n_kept, 0)
+        p_yes = at(fit.p, fit.prior_yes).astype(np.float64)
         grp = (groups.reindex(all_tasks).to_numpy(dtype=object) if groups is not None
                else np.full(len(all_tasks), "__all__", dtype=object))
         if groups is not None and pd.isna(grp).any():
             raise QCInputError(f"groups: no synset for {int(pd.isna(grp).sum())} task(s), e.g. "
                                f"{list(all_tasks[pd.isna(grp)][:3])}")
-        dec = pd.DataFrame({"group": grp, "n_votes": n_votes, "n_yes": n_yes, "n_used": n_used, "p_yes": p_yes,
-                            "status": status, "n_more": n_more, "reason": reason}, index=all_tasks,
-                           columns=DECISION_COLUMNS)
-        if self.budget_per_group is not None:
-            dec = apply_budget(dec, self.budget_per_group)
+        dec = adaptive_decisions(all_tasks, grp, n_votes, n_yes, n_used, p_yes, params, fit.step)
+        self.fit_: Fit = fit
         self.decisions_ = dec
         self.workers_ = wt[WORKER_COLUMNS]
         self.blocked_ = pd.Index(wt.loc[wt["flagged"], "worker"], name="worker")
-        self.vote_step_ = step
-        self.prior_ = prior
+        self.vote_step_ = fit.step
+        self.prior_: CrowdPrior = fit.prior
+        self.class_prior_note_ = fit.class_note
         self.precision_ = group_precision(dec)
 
         probas = np.column_stack([1 - p_yes, p_yes]) if len(p_yes) else np.zeros((0, 2))
@@ -222,33 +166,10 @@ def leave_one_out_posterior(ds: DawidSkene, pseudo: np.ndarray, pinned: pd.Index
     wl = enc.worker * k + enc.label
     for c in range(k):
         num[:, c] = np.bincount(wl, weights=p[enc.task, c], minlength=enc.n_workers * k)
-    num = num.reshape(enc.n_workers, k, k)  # [worker, observed, true]
-    col = num.sum(axis=1) + pseudo.sum(axis=0)[None, :]  # [worker, true]
-    pt = p[enc.task]  # [vote, true]
-    cell = num[enc.worker, enc.label, :] - pt + pseudo[enc.label, :]
-    err = np.clip(cell, EPS, None) / np.clip(col[enc.worker] - pt, EPS, None)
-    diff = np.log(err[:, 1]) - np.log(err[:, 0])
-    pri = np.clip(ds.priors_array_, EPS, None)
-    lo = np.log(pri[1]) - np.log(pri[0]) + np.bincount(enc.task, weights=diff, minlength=enc.n_tasks)
-    out = 1.0 / (1.0 + np.exp(-lo))
-    if pinned is not None and len(pinned):
-        gold = enc.tasks.isin(pinned)
-        out[gold] = p[gold, 1]
-    return out
-
-
-def apply_budget(dec: pd.DataFrame, budget: int) -> pd.DataFrame:
-    """Within each group, give what is left of `budget` votes to the pending tasks closest to a decision (fewest
-    votes asked first); the others get n_more 0 and reason "budget". `dec` has DECISION_COLUMNS."""
-    dec = dec.copy()
-    spent = dec.groupby("group", sort=False)["n_votes"].transform("sum")
-    order = dec.assign(_k=dec["n_more"], _t=dec.index.astype(str)).sort_values(["group", "_k", "_t"])
-    cum = order.groupby("group", sort=False)["n_more"].cumsum()
-    over = cum > (budget - spent.reindex(order.index))
-    cut = order.index[over & (order["n_more"] > 0)]
-    dec.loc[cut, "n_more"] = 0
-    dec.loc[cut, "reason"] = "budget"
-    return dec
+    counts = num.reshape(enc.n_workers, k, k)  # [worker, observed, true]
+    mask = enc.tasks.isin(pinned) if pinned is not None and len(pinned) else None
+    return loo_posterior(Chunks.of(enc.task, enc.worker, enc.label, enc.n_tasks, enc.n_workers), p[:, 1], counts,
+                         pseudo, ds.priors_array_, mask)
 
 
 def group_precision(dec: pd.DataFrame) -> pd.DataFrame:

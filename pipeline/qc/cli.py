@@ -1,7 +1,9 @@
-"""`synsetforge qc`: aggregate the votes, print per-synset precision and the next push list.
+"""`synsetforge qc`: one QC round: aggregate the votes, print per-synset precision and the next push list.
 
-`--method` picks how votes become labels (default: the `qc.method` setting): adaptive-ds, ds, mv or
-confidence-table (see `pipeline.qc.stage`)."""
+A round re-decides only the synsets that changed since the last one (new votes, gold tasks, ingest links or
+controls); `--full` refits every synset from all votes (streamed in batches of synsets). `--method` picks how votes
+become labels (default: the `qc.method` setting): adaptive-ds, ds, mv or confidence-table (see
+`pipeline.qc.stage`)."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def _cmd(args: argparse.Namespace, settings: Any) -> int:
     store = store_from_settings(settings)
     pairs = _read_pairs(args.pairs) if args.pairs else None
     try:
-        summary = run_qc(store, settings, pairs=pairs, method=args.method)
+        summary = run_qc(store, settings, pairs=pairs, method=args.method, full=args.full)
     except QCInputError as exc:
         raise UserError(str(exc)) from None
     if args.json:
@@ -44,6 +46,10 @@ def _cmd(args: argparse.Namespace, settings: Any) -> int:
     print(f"{summary['method']}: {summary['votes']} votes, {summary['pairs']} (image, wnid) pairs: "
           f"{summary['accepted']} accepted, {summary['rejected']} rejected, {summary['pending']} pending; "
           f"{summary['flagged_workers']} of {summary['workers']} workers flagged")
+    r = summary["qc_round"]
+    what = {"full": "full refit", "incremental": f"incremental: {r['synsets']} synset(s) re-decided",
+            "unchanged": "unchanged"}[r["mode"]]
+    print(f"QC round {r['round']}: {what} ({r['reason']}), {r['seconds']:.1f} s")
     print(summary["gold_note"])
     if summary.get("team_note"):
         print(summary["team_note"])
@@ -67,6 +73,8 @@ def register_cli(subparsers: Any) -> None:
 
     p.add_argument("--method", choices=METHODS, help="QC method (default: the qc.method setting)")
     p.add_argument("--pairs", help="CSV/Parquet of (image_id, wnid) to plan even without votes yet")
+    p.add_argument("--full", action="store_true",
+                   help="refit every synset from all votes instead of re-deciding the synsets that changed")
     p.add_argument("--top", type=int, default=20, help="rows of the push plan to print (default 20)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd)

@@ -42,8 +42,9 @@ def _log_comb(logfact: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def build_table(n_yes: np.ndarray, n_total: np.ndarray, good: np.ndarray, max_m: int, smoothing: float,
-                prior: float) -> tuple[np.ndarray, np.ndarray]:
+                prior: float, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """P(good | y yes out of m) and its support (expected number of calibration images) for 0 <= y <= m <= max_m.
+    `weights`: how many calibration images each (n_yes, n_total, good) row stands for (default one each).
 
     Returns two (max_m + 1, max_m + 1) arrays indexed [y, m]; cells with y > m are NaN.
     """
@@ -55,6 +56,8 @@ def build_table(n_yes: np.ndarray, n_total: np.ndarray, good: np.ndarray, max_m:
     # hypergeometric pmf of y yes in a sample of m from N answers with Y yes (0 where m > N)
     logh = _log_comb(logfact, big_y, y) + _log_comb(logfact, big_n - big_y, m - y) - _log_comb(logfact, big_n, m)
     h = np.where(m <= big_n, np.exp(logh), 0.0)
+    if weights is not None:
+        h = h * np.asarray(weights, dtype=np.float64)[None, None, :]
     support = h.sum(axis=2)
     good_mass = (h * good[None, None, :]).sum(axis=2)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -10,8 +10,12 @@ The default settings reproduce crowd-kit's ``DawidSkene`` (majority-vote start, 
 same evidence-lower-bound stopping rule), so labels and posteriors agree with it; ``prior_strength`` > 0
 adds Beta/Dirichlet pseudo-counts to every confusion matrix (MAP instead of ML), which keeps workers
 with a handful of answers from getting extreme matrices; ``prior_matrix`` gives those pseudo-counts as a
-(K, K) [observed, true] array instead (e.g. the crowd's own prior, `pipeline.qc.prior`), and ``class_prior``
-holds the label shares fixed instead of re-estimating them.
+(K, K) [observed, true] array instead (e.g. the crowd's own prior, `pipeline.qc.prior`), or one (K, K) per
+worker as a (W, K, K) array, and ``class_prior`` holds the label shares fixed instead of re-estimating them.
+A fit over one block of tasks while the rest of the crowd's tasks are held at their earlier posteriors (QC's
+incremental rounds) passes the rest as counts: each worker's soft counts on the other tasks added to their
+``prior_matrix``, and the other tasks' summed posteriors as ``class_counts``; it then reaches the same fixed
+point a full fit would, given those posteriors.
 
     >>> import pandas as pd
     >>> df = pd.DataFrame({"task": ["t1", "t1", "t1", "t2", "t2", "t2"], "worker": ["a", "b", "c"] * 2,
@@ -51,7 +55,8 @@ class DawidSkene(Aggregator):
 
     def __init__(self, n_iter: int = 100, tol: float = 1e-5, prior_strength: float = 0.0,
                  prior_accuracy: float = 0.7, labels: Iterable[Any] | None = None, class_prior_strength: float = 0.0,
-                 prior_matrix: np.ndarray | None = None, class_prior: Iterable[float] | None = None):
+                 prior_matrix: np.ndarray | None = None, class_prior: Iterable[float] | None = None,
+                 class_counts: Iterable[float] | None = None):
         if n_iter < 0:
             raise ValueError("n_iter must be >= 0")
         if not 0.0 < prior_accuracy < 1.0:
@@ -64,13 +69,15 @@ class DawidSkene(Aggregator):
         self.class_prior_strength = class_prior_strength
         self.prior_matrix = prior_matrix
         self.class_prior = class_prior
+        self.class_counts = class_counts
 
     # ----- the EM core on chunk sources (one chunk = the whole data set when in memory) -----
     def _pseudo(self, n_workers: int, k: int) -> np.ndarray | None:
         if self.prior_matrix is not None:
             m = np.asarray(self.prior_matrix, dtype=np.float64)
-            if m.shape != (k, k) or (m < 0).any():
-                raise ValueError(f"prior_matrix must be a ({k}, {k}) array of pseudo-counts >= 0, got shape {m.shape}")
+            if m.shape not in ((k, k), (n_workers, k, k)) or (m < 0).any():
+                raise ValueError(f"prior_matrix must be a ({k}, {k}) or ({n_workers}, {k}, {k}) array of pseudo-counts "
+                                 f">= 0, got shape {m.shape}")
             return np.broadcast_to(m, (n_workers, k, k))
         if self.prior_strength <= 0:
             return None
@@ -92,6 +99,7 @@ class DawidSkene(Aggregator):
         probas = cnt / np.maximum(cnt.sum(axis=1, keepdims=True), 1.0)
         no_votes = cnt.sum(axis=1) == 0
         probas[no_votes] = 1.0 / k
+        present = ~no_votes  # tasks without votes in this fit do not count toward the class shares
         probas = self._pin(probas, gold)
         pseudo = self._pseudo(n_workers, k)
 
@@ -131,14 +139,14 @@ class DawidSkene(Aggregator):
                     loglik[:, c] += np.bincount(t, weights=logerr[c][wl], minlength=n_tasks)
             return self._pin(_log_softmax_rows(loglik), gold)
 
-        priors = self._class_prior(probas, k)
+        priors = self._class_prior(probas, k, present)
         num, errors = m_step(probas)
         loss = -np.inf
         history: list[float] = []
         it = 0
         for it in range(1, self.n_iter + 1):  # noqa: B007 - `it` is reported after the loop
             probas = e_step(errors, priors)
-            priors = self._class_prior(probas, k)
+            priors = self._class_prior(probas, k, present)
             num, errors = m_step(probas)
             # Evidence lower bound from the M-step sums (crowd-kit's formula, without another data pass).
             joint = float((num * np.log(errors)).sum() + num.sum(axis=(0, 1)) @ np.log(np.clip(priors, EPS, None)))
@@ -151,21 +159,26 @@ class DawidSkene(Aggregator):
         self.probas_array_ = probas
         self.priors_array_ = priors
         self.errors_array_ = errors
+        self.counts_array_ = num  # (W, K, K) [observed, true] soft counts of the final posteriors, no pseudo-counts
         self.n_iter_ = it
         self.loss_history_ = history
 
-    def _class_prior(self, probas: np.ndarray, k: int) -> np.ndarray:
-        """Mean posterior; with class_prior_strength > 0, that many pseudo-tasks per label are added, so a
-        handful of all-yes tasks does not make every unseen task a certain yes."""
+    def _class_prior(self, probas: np.ndarray, k: int, present: np.ndarray | None = None) -> np.ndarray:
+        """Mean posterior of the tasks with votes (`present`; default all) and of `class_counts`; with
+        class_prior_strength > 0, that many pseudo-tasks per label are added, so a handful of all-yes tasks does
+        not make every unseen task a certain yes."""
         if self.class_prior is not None:
             fixed = np.asarray(list(self.class_prior), dtype=np.float64)
             if fixed.shape != (k,) or (fixed < 0).any() or not np.isclose(fixed.sum(), 1.0):
                 raise ValueError(f"class_prior must be {k} probabilities summing to 1, got {fixed.tolist()}")
             return fixed
         a = self.class_prior_strength
-        if len(probas) == 0:
+        if present is not None and not present.all():
+            probas = probas[present]
+        extra = np.zeros(k) if self.class_counts is None else np.asarray(list(self.class_counts), dtype=np.float64)
+        if len(probas) == 0 and extra.sum() == 0:
             return np.full(k, 1.0 / k)
-        return (probas.sum(axis=0) + a) / (len(probas) + a * k)
+        return (probas.sum(axis=0) + extra + a) / (len(probas) + extra.sum() + a * k)
 
     @staticmethod
     def _pin(probas: np.ndarray, gold: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:

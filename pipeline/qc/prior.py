@@ -76,39 +76,82 @@ def fixed_prior(accuracy: float, strength: float, reason: str = "", workers: int
     return CrowdPrior(float(accuracy), float(strength), "fixed", workers, shared_votes, reason=reason)
 
 
+@dataclass(frozen=True)
+class AgreementStats:
+    """Per-worker sums behind `crowd_prior`, over the answers on tasks someone else also answered: `n` answers,
+    `s1` / `s2` the sum of their agreement shares and of its square, `yes` how many were yes. Sums over tasks, so
+    the stats of disjoint sets of tasks add up (QC keeps them per worker between rounds)."""
+
+    n: np.ndarray
+    s1: np.ndarray
+    s2: np.ndarray
+    yes: np.ndarray
+
+    def __add__(self, other: AgreementStats) -> AgreementStats:
+        return AgreementStats(*(a + b for a, b in zip(self.arrays(), other.arrays(), strict=True)))
+
+    def __sub__(self, other: AgreementStats) -> AgreementStats:
+        return AgreementStats(*(a - b for a, b in zip(self.arrays(), other.arrays(), strict=True)))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.n, self.s1, self.s2, self.yes
+
+
+def agreement_stats(task: np.ndarray, worker: np.ndarray, label: np.ndarray, n_workers: int | None = None,
+                    n_tasks: int | None = None) -> AgreementStats:
+    """`AgreementStats` of integer-coded binary answers (label 1 = yes), one entry per worker code."""
+    task, worker, label = (np.asarray(a, dtype=np.int64) for a in (task, worker, label))
+    n_workers = int(n_workers if n_workers is not None else (worker.max() + 1 if len(worker) else 0))
+    if len(task) == 0:
+        z = np.zeros(n_workers)
+        return AgreementStats(z, z.copy(), z.copy(), z.copy())
+    m = np.bincount(task, minlength=n_tasks or 0)
+    yes = np.bincount(task, weights=label, minlength=n_tasks or 0)
+    shared = m[task] >= 2
+    t, w, lab = task[shared], worker[shared], label[shared]
+    agree = np.where(lab == 1, yes[t] - 1, m[t] - yes[t] - 1) / np.maximum(m[t] - 1, 1)  # share of the others agreeing
+    return AgreementStats(np.bincount(w, minlength=n_workers).astype(np.float64),
+                          np.bincount(w, weights=agree, minlength=n_workers),
+                          np.bincount(w, weights=agree * agree, minlength=n_workers),
+                          np.bincount(w, weights=lab.astype(np.float64), minlength=n_workers))
+
+
 def crowd_prior(task: np.ndarray, worker: np.ndarray, label: np.ndarray, fallback_accuracy: float = 0.8,
                 fallback_strength: float = 4.0, min_workers: int = 20, min_shared: int = 2,
                 strength_range: tuple[float, float] = STRENGTH_RANGE) -> CrowdPrior:
     """The crowd's Beta prior from integer-coded binary answers (label 1 = yes); the fixed prior when fewer
     than `min_workers` workers have `min_shared` answers on tasks someone else also answered, or when the
     answers agree no more often than chance would have them (then agreement says nothing about who is right)."""
-    task, worker, label = (np.asarray(a, dtype=np.int64) for a in (task, worker, label))
-    if len(task) == 0:
+    if len(np.asarray(task)) == 0:
         return fixed_prior(fallback_accuracy, fallback_strength, "no answers yet")
-    m = np.bincount(task)
-    yes = np.bincount(task, weights=label)
-    shared = m[task] >= 2
-    t, w, lab = task[shared], worker[shared], label[shared]
-    n_w = np.bincount(w, minlength=int(worker.max()) + 1).astype(np.float64)
+    return prior_from_stats(agreement_stats(task, worker, label), fallback_accuracy, fallback_strength, min_workers,
+                            min_shared, strength_range)
+
+
+def prior_from_stats(stats: AgreementStats, fallback_accuracy: float = 0.8, fallback_strength: float = 4.0,
+                     min_workers: int = 20, min_shared: int = 2,
+                     strength_range: tuple[float, float] = STRENGTH_RANGE) -> CrowdPrior:
+    """`crowd_prior` from per-worker `AgreementStats` (of one fit, or summed over blocks of tasks)."""
+    n_w = np.clip(stats.n, 0.0, None)
+    total_shared = int(round(float(n_w.sum())))
+    if total_shared == 0 and not len(n_w):
+        return fixed_prior(fallback_accuracy, fallback_strength, "no answers yet")
     enough = n_w >= min_shared
     if enough.sum() < min_workers:
         return fixed_prior(fallback_accuracy, fallback_strength,
                            f"{int(enough.sum())} worker(s) with {min_shared}+ answers on shared tasks, "
-                           f"{min_workers} needed", int(enough.sum()), int(shared.sum()))
-    agree = np.where(lab == 1, yes[t] - 1, m[t] - yes[t] - 1) / (m[t] - 1)  # share of the others that agree
-    sel = enough[w]
-    t, w, agree = t[sel], w[sel], agree[sel]
-    big_a = float(agree.mean())
+                           f"{min_workers} needed", int(enough.sum()), total_shared)
+    n = n_w[enough]
+    s1, s2, yes = stats.s1[enough], stats.s2[enough], stats.yes[enough]
+    big_n = float(n.sum())
+    big_a = float(s1.sum()) / big_n
     if 2 * big_a - 1 <= 0.01:  # 2q - 1 <= 0.1: a crowd at chance level, or colluding against the truth
         return fixed_prior(fallback_accuracy, fallback_strength,
                            f"answers agree in {big_a:.1%} of pairs, about chance: agreement cannot tell "
-                           "accuracy apart", int(enough.sum()), int(len(t)))
+                           "accuracy apart", int(enough.sum()), int(round(big_n)))
     q = (1.0 + np.sqrt(2 * big_a - 1)) / 2
-    n = n_w[enough]
-    s1 = np.bincount(w, weights=agree, minlength=len(n_w))[enough]
-    s2 = np.bincount(w, weights=agree * agree, minlength=len(n_w))[enough]
     f = s1 / n
-    k, big_n = len(n), float(n.sum())
+    k = len(n)
     msw = float((s2 - n * f * f).sum()) / max(big_n - k, 1.0)
     msb = float((n * (f - s1.sum() / big_n) ** 2).sum()) / max(k - 1, 1)
     n0 = (big_n - float((n * n).sum()) / big_n) / max(k - 1, 1)
@@ -117,5 +160,5 @@ def crowd_prior(task: np.ndarray, worker: np.ndarray, label: np.ndarray, fallbac
     lo, hi = strength_range
     strength = hi if var_a <= 0 else float(np.clip(mean * (1 - mean) / var_a - 1.0, lo, hi))
     # the answers' yes share is pi q + (1 - pi)(1 - q) for a share pi of good images
-    yes_share = float(np.clip((label[shared][sel].mean() - (1 - q)) / (2 * q - 1), 0.01, 0.99))
-    return CrowdPrior(mean, strength, "crowd", int(k), int(len(t)), big_a, yes_share=yes_share)
+    yes_share = float(np.clip((float(yes.sum()) / big_n - (1 - q)) / (2 * q - 1), 0.01, 0.99))
+    return CrowdPrior(mean, strength, "crowd", int(k), int(round(big_n)), big_a, yes_share=yes_share)

@@ -1,0 +1,204 @@
+"""Votes as integer codes: the cleaning `stage.clean_votes` does, on arrays, and the blocks QC decides.
+
+A `Block` is the votes and pairs of a set of synsets: pairs sorted by (wnid, image_id), a pair's row is its task
+code; workers carry the stable codes of `WorkerCodes` (kept in `qc_workers`, new workers appended in name
+order). Cleaning is the same as `stage.clean_votes`: answers checked, a repeated (annotation, image) row dropped
+(the latest `submitted_at` kept), then one vote per worker and pair (the latest by submitted_at, then annotation
+id). Pair strings are factorised once per block with Arrow dictionaries; duplicates are found with integer
+sorts, so cleaning a block costs a few sorts of int64 arrays, not pandas sorts of object columns.
+
+    >>> import pyarrow as pa
+    >>> t = pa.table({"annotation_id": [1, 2, 3, 4], "image_id": ["b", "a", "a", "a"], "wnid": ["n00000001"] * 4,
+    ...               "worker": ["w2", "w1", "w1", "w2"], "answer": ["yes", "no", " YES", "no"],
+    ...               "submitted_at": pa.array([1, 2, 3, 4], pa.timestamp("us", tz="UTC"))})
+    >>> codes = WorkerCodes([])
+    >>> b = Block.from_votes(t, codes)
+    >>> b.pairs["image_id"].tolist(), b.task.tolist(), b.worker.tolist(), b.label.tolist(), codes.names
+    (['a', 'b'], [1, 0, 0], [1, 0, 1], [1, 1, 0], ['w1', 'w2'])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.qc.base import NO, YES, QCInputError
+
+VOTE_COLUMNS = ["annotation_id", "image_id", "wnid", "worker", "answer", "submitted_at"]
+PAIR = ["wnid", "image_id"]
+
+
+class WorkerCodes:
+    """Worker name <-> stable integer code. Codes are never reused; new names get the next codes, sorted."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self._index = pd.Index(self.names)
+
+    def codes_of(self, names: np.ndarray | list[str]) -> np.ndarray:
+        """Codes of `names` (unique strings), assigning new ones in sorted order."""
+        names = np.asarray(names, dtype=object)
+        pos = self._index.get_indexer(names) if len(self.names) else np.full(len(names), -1)
+        new = sorted(set(names[pos < 0].tolist()))
+        if new:
+            self.names += new
+            self._index = pd.Index(self.names)
+            pos = self._index.get_indexer(names)
+        return pos.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _dict_ranks(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """Per row, the rank of its value among the column's distinct values (sorted), and those values."""
+    enc = pc.dictionary_encode(column)
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.unify_dictionaries().combine_chunks() if enc.num_chunks else pa.array([], pa.dictionary(pa.int32(), pa.string()))
+    dictionary = enc.dictionary
+    order = pc.sort_indices(dictionary).to_numpy()
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank[enc.indices.to_numpy(zero_copy_only=False)], dictionary.take(pa.array(order))
+
+
+def _keep_latest(group: np.ndarray, *order_keys: np.ndarray) -> np.ndarray:
+    """Mask of the rows that are the last of their `group` by (order_keys..., row number)."""
+    n = len(group)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    idx = np.argsort(group, kind="stable")
+    g = group[idx]
+    dup = np.zeros(n, dtype=bool)
+    same = g[1:] == g[:-1]
+    if not same.any():
+        return np.ones(n, dtype=bool)
+    dup[1:] |= same
+    dup[:-1] |= same
+    rows = idx[dup]  # rows of groups with more than one member
+    keys = [np.arange(n)[rows], *(k[rows] for k in reversed(order_keys)), group[rows]]
+    o = rows[np.lexsort(keys)]  # by group, then order keys, then row number
+    last = np.ones(len(o), dtype=bool)
+    last[:-1] = group[o][1:] != group[o][:-1]
+    keep = np.ones(n, dtype=bool)
+    keep[o[~last]] = False
+    return keep
+
+
+@dataclass
+class Block:
+    """Counted votes and pairs of a set of synsets. `pairs`: wnid, image_id (sorted; row = task code); per vote
+    `task`, `worker` (global codes), `label` (1 = yes), `annotation_id`, `submitted_at` (int64 microseconds).
+    `last_vote`: (worker codes, newest submitted_at of each among all rows read, repeats included)."""
+
+    pairs: pd.DataFrame
+    task: np.ndarray
+    worker: np.ndarray
+    label: np.ndarray
+    annotation_id: np.ndarray
+    submitted_at: np.ndarray
+    last_vote: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (np.zeros(0, np.int64),
+                                                                                np.zeros(0, np.int64)))
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.pairs)
+
+    @staticmethod
+    def from_votes(votes: pa.Table, codes: WorkerCodes, extra_pairs: pd.DataFrame | None = None,
+                   keep_rows: np.ndarray | None = None) -> Block:
+        """Clean and code `votes` (VOTE_COLUMNS); the pairs are the voted ones plus `extra_pairs` (wnid,
+        image_id). `keep_rows`: read only these rows of `votes` (a boolean mask), e.g. the votes an earlier
+        round had."""
+        if keep_rows is not None:
+            votes = votes.filter(pa.array(keep_rows))
+        n = votes.num_rows
+        if n:
+            answer = pc.utf8_lower(pc.utf8_trim_whitespace(votes.column("answer")))
+            label = pc.index_in(answer, value_set=pa.array([NO, YES])).to_numpy(zero_copy_only=False)
+            bad = np.isnan(label) if label.dtype.kind == "f" else label < 0
+            if bad.any():
+                ids = np.asarray(votes.column("annotation_id").to_numpy())[bad][:5].tolist()
+                vals = sorted(set(pc.cast(votes.column("answer"), pa.string()).to_numpy(zero_copy_only=False)[bad].tolist()))[:5]
+                raise QCInputError(f"votes table: {int(bad.sum())} answer(s) other than 'yes'/'no' (annotation ids {ids}, "
+                                   f"values {vals}); fix the pull step's answer mapping and pull again; nothing was written")
+            label = label.astype(np.int64)
+            img_rank, images = _dict_ranks(votes.column("image_id"))
+            wn_rank, wnids = _dict_ranks(votes.column("wnid"))
+            w_local, w_names = _dict_ranks(votes.column("worker"))
+            w_global = codes.codes_of(w_names.to_numpy(zero_copy_only=False))
+            worker = w_global[w_local]
+            aid = votes.column("annotation_id").to_numpy().astype(np.int64)
+            sub = pc.cast(votes.column("submitted_at"), pa.int64()).to_numpy().astype(np.int64)
+            newest = np.full(len(w_names), np.iinfo(np.int64).min)
+            np.maximum.at(newest, w_local, sub)
+            last_vote = (w_global, newest)
+            # a repeated (annotation, image) row: the latest kept; then one vote per worker and pair, the latest
+            n_img = len(images)
+            pair_key = wn_rank * n_img + img_rank
+            ai = np.unique(aid, return_inverse=True)[1].astype(np.int64)
+            keep = _keep_latest(ai * n_img + img_rank, sub)
+            idx = np.flatnonzero(keep)
+            keep2 = _keep_latest(pair_key[idx] * len(w_names) + w_local[idx], sub[idx], aid[idx])
+            idx = idx[keep2]
+            idx = idx[np.argsort(aid[idx], kind="stable")]
+            voted_key, voted_inv = np.unique(pair_key[idx], return_inverse=True)
+            voted = pd.DataFrame({"wnid": wnids.take(pa.array(voted_key // n_img)).to_numpy(zero_copy_only=False),
+                                  "image_id": images.take(pa.array(voted_key % n_img)).to_numpy(zero_copy_only=False)})
+        else:
+            idx = np.zeros(0, dtype=np.int64)
+            voted = pd.DataFrame({"wnid": pd.Series(dtype=object), "image_id": pd.Series(dtype=object)})
+            voted_inv = np.zeros(0, dtype=np.int64)
+            label = worker = aid = sub = np.zeros(0, dtype=np.int64)
+            last_vote = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        if extra_pairs is not None and len(extra_pairs):
+            extra = extra_pairs[PAIR].astype(str)
+            pairs = pd.concat([voted, extra], ignore_index=True).drop_duplicates(PAIR)
+            pairs = pairs.sort_values(PAIR, kind="stable").reset_index(drop=True)
+            pos = pd.MultiIndex.from_frame(pairs).get_indexer(pd.MultiIndex.from_frame(voted)) if len(voted) else \
+                np.zeros(0, dtype=np.int64)
+            task = np.asarray(pos, dtype=np.int64)[voted_inv]
+        else:
+            pairs, task = voted, voted_inv.astype(np.int64)
+        return Block(pairs=pairs.reset_index(drop=True), task=task, worker=worker[idx], label=label[idx],
+                     annotation_id=aid[idx], submitted_at=sub[idx], last_vote=last_vote)
+
+    def votes_frame(self, rows: np.ndarray | None, names: list[str]) -> pd.DataFrame:
+        """The counted votes (all, or the mask `rows` over votes) as a votes-like frame (for pipeline.qc.team)."""
+        sel = slice(None) if rows is None else rows
+        t = self.task[sel]
+        return pd.DataFrame({"annotation_id": self.annotation_id[sel], "image_id": self.pairs["image_id"].to_numpy()[t],
+                             "wnid": self.pairs["wnid"].to_numpy()[t],
+                             "worker": np.asarray(names, dtype=object)[self.worker[sel]],
+                             "answer": np.where(self.label[sel] == 1, YES, NO),
+                             "submitted_at": pd.to_datetime(self.submitted_at[sel], unit="us", utc=True)})
+
+
+def empty_votes() -> pa.Table:
+    from pipeline.schemas import arrow_schema
+
+    schema = arrow_schema("votes")
+    return pa.schema([schema.field(c) for c in VOTE_COLUMNS]).empty_table()
+
+
+def as_votes_table(votes: Any) -> pa.Table:
+    """A pandas votes frame (or Arrow table) as an Arrow table of VOTE_COLUMNS with the votes schema's types."""
+    from pipeline.schemas import arrow_schema
+
+    schema = arrow_schema("votes")
+    if votes is None or len(votes) == 0:
+        return empty_votes()
+    if isinstance(votes, pa.Table):
+        t = votes.select(VOTE_COLUMNS)
+    else:
+        frame = votes[VOTE_COLUMNS].copy()
+        frame["submitted_at"] = pd.to_datetime(frame["submitted_at"], utc=True)
+        frame["answer"] = frame["answer"].astype(str)
+        t = pa.Table.from_pandas(frame, preserve_index=False)
+    fields_ = [schema.field(c) for c in VOTE_COLUMNS]
+    return pa.Table.from_arrays([t.column(f.name).cast(f.type) for f in fields_], schema=pa.schema(fields_))

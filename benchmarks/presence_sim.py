@@ -51,6 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--gold-images", type=int, default=30, help="expert-annotated control images (+ controls rows)")
     ap.add_argument("--schemes", default="flat,tree,checklist")
     ap.add_argument("--no-controls", action="store_true", help="only the rows without controls")
@@ -71,7 +72,7 @@ def main() -> None:
     if args.controls_only:
         controls = [True]
     rows = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for scheme in args.schemes.split(","):
             for gold in controls:
                 world = make_world(args.images, seed, n_gold=args.gold_images if gold else 0, flat=scheme == "flat")

@@ -42,6 +42,7 @@ from pipeline.store import store_from_settings
 KINDS = ("draw", "extreme", "quality", "coverage")
 DRAW_KINDS = ("draw", "extreme")  # the ways one new box is made: dragging a rectangle, or four extreme clicks
 TERMINAL = ("done", "capped", "gave_up")
+DUPLICATES_TO_RECHECK = 2  # new boxes in a row that duplicate accepted ones before coverage is asked again
 BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]
 
 
@@ -423,6 +424,7 @@ def replay_pair(
     first = {draw: policy.draw_overlap, "quality": policy.quality_overlap, "coverage": policy.coverage_overlap}
     nxt: tuple[str, str | None, int] = (draw, None, first[draw])  # (kind, box_id, overlap) of the next task
     cov_votes: list[str] = []  # coverage votes of the current round (split votes get one more at a time)
+    dups = 0  # new boxes in a row that only re-boxed an accepted object since the last coverage round
     for t in sorted(tasks, key=lambda r: r["seq"]):
         st.n_tasks += 1
         got = answers_by_task.get(t["task_id"], [])
@@ -455,7 +457,15 @@ def replay_pair(
                     row.update(verified="rejected", reason=f"duplicate of {st.accepted[int(ious.argmax())]}")
             boxes.append(row)
             by_id[bid] = row
-            nxt = (draw, None, first[draw]) if row["verified"] == "rejected" else ("quality", bid, first["quality"])
+            is_dup = row["verified"] == "rejected"
+            dups = dups + 1 if is_dup else 0
+            if is_dup and dups >= DUPLICATES_TO_RECHECK:
+                # workers asked for another object keep boxing ones already boxed: the coverage "no" that sent
+                # them was likely wrong, so coverage is asked afresh instead of drawing until max_tasks
+                dups, cov_votes = 0, []
+                nxt = ("coverage", None, first["coverage"])
+            else:
+                nxt = (draw, None, first[draw]) if is_dup else ("quality", bid, first["quality"])
         elif kind == "quality":
             row = by_id.get(t["box_id"])
             if row is None:

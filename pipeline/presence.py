@@ -210,6 +210,7 @@ class QuestionTree:
     descendants: list[np.ndarray] = field(default_factory=list)
     anc: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=bool))
     depth: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    levels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
     def from_table(cls, table: Any) -> QuestionTree:
@@ -244,6 +245,11 @@ class QuestionTree:
         for i, chain in enumerate(tree.ancestors):
             tree.anc[i, chain] = True
         tree.depth = tree.anc.sum(axis=1)
+        # decisions on the longest path from a top-level question down to a class through each node: a present
+        # class is lost when any of them is wrongly rejected, so each gets 1 / levels of the class's miss budget
+        below = tree.anc | np.eye(n, dtype=bool)  # below[c, a]: c is a or lies under a
+        chain = np.where(tree.is_class[:, None] & below, tree.depth[:, None] + 1, 0)
+        tree.levels = np.maximum(chain.max(axis=0), 1)
         return tree
 
     def __len__(self) -> int:
@@ -357,7 +363,11 @@ class Cooccurrence:
             score = tree.anc & yes[None, :]
             has = score.any(axis=1) & (state.known == UNKNOWN)
             nearest = np.argmax(np.where(score, tree.depth[None, :] + 1, 0), axis=1)
-            lifted = np.minimum(0.99, base / np.maximum(base[nearest], 1e-9))
+            # P(n | a) estimated as a share of the images showing a (smoothed toward n's share of a's classes),
+            # not as a ratio of two smoothed rates: with a handful of annotated images that ratio is near 1
+            nc = self._n_classes()
+            share0 = nc / np.maximum(nc[nearest], 1)
+            lifted = np.minimum(0.99, (self.count + self.strength * share0) / (self.count[nearest] + self.strength))
             p = np.where(has, np.maximum(p, lifted), p)
         p[state.known == YES] = 1.0
         p[state.known == NO] = 0.0
@@ -422,7 +432,10 @@ def decide_presence(log_bf: np.ndarray, n_votes: np.ndarray, prior: np.ndarray |
     0.8-accurate worker overlooks first. So the evidence is kept apart from the prior: `log_bf` is the log Bayes
     factor of the answers (odds(present | answers) / odds(present)). A pair is rejected only when its answers are
     `miss_factor` times likelier for an absent object (BF <= 1 / miss_factor: for a well-specified worker model at
-    most 1 / miss_factor of present objects are lost at one question, whatever the base rate), and accepted when the
+    most 1 / miss_factor of present objects are lost at one question, whatever the base rate; `miss_factor` may be
+    an array, one per pair: `plan_presence` multiplies the setting by the node's `QuestionTree.levels`, the
+    decisions on the longest path down to a class through it, so a class is lost with probability at most
+    1 / det.miss_factor over all the questions above it, as when every class is asked on its own), and accepted when the
     posterior with the node's own prior (`prior`: co-occurrence in that image) reaches `accept_at` (precision).
     Undecided pairs ask for as many answers as typical workers (`step`: log-odds one answer moves) need to reach
     the nearer threshold; at `max_votes` the more probable answer stands.
@@ -437,7 +450,7 @@ def decide_presence(log_bf: np.ndarray, n_votes: np.ndarray, prior: np.ndarray |
     post_lo = lbf + lp
     confidence = 1 / (1 + np.exp(-post_lo))
     need_accept = _logit(accept_at) - lp  # log BF that accepts
-    need_reject = -math.log(miss_factor)
+    need_reject = -np.log(np.broadcast_to(np.asarray(miss_factor, dtype=float), lbf.shape))
     accepted = post_lo >= _logit(accept_at)
     rejected = ~accepted & (lbf <= need_reject)
     capped = ~accepted & ~rejected & (n >= max_votes)
@@ -454,7 +467,7 @@ def initial_votes(prior: float | np.ndarray, *, miss_factor: float = 300.0, acce
     """Answers to ask of a new question: what typical answers need to reach the nearer threshold from no evidence
     (most nodes are absent, so this is usually the answers that clear a "no"); at least `floor`."""
     need_accept = _logit(accept_at) - _logit(prior)
-    need = np.minimum(need_accept, math.log(miss_factor))
+    need = np.minimum(need_accept, np.log(miss_factor))
     return np.maximum(np.ceil(need / max(step, 1e-3)), floor).astype(np.int64)
 
 
@@ -853,7 +866,8 @@ def plan_presence(tree: QuestionTree, pool: Sequence[str], tasks: pd.DataFrame |
         nv = fit.n_votes.reindex(keys).fillna(0).to_numpy().astype(np.int64)
         ny = fit.n_yes.reindex(keys).fillna(0).to_numpy().astype(np.int64)
         pr = np.array([prior_of[k] for k in keys])
-        status, conf, n_more = decide_presence(lbf, nv, pr, accept_at=policy.accept_at, miss_factor=policy.miss_factor,
+        miss = policy.miss_factor * tree.levels[[tree.index[n] for _, n in open_pairs]]
+        status, conf, n_more = decide_presence(lbf, nv, pr, accept_at=policy.accept_at, miss_factor=miss,
                                                max_votes=policy.max_votes, step=fit.vote_step)
         for j, (i, n) in enumerate(open_pairs):
             st = "pending" if (i, n) in waiting else status[j]
@@ -895,7 +909,8 @@ def plan_presence(tree: QuestionTree, pool: Sequence[str], tasks: pd.DataFrame |
                     continue
                 fresh.setdefault(par, []).append(int(n))
             for g in _checklists(i, fresh, tree, policy.checklist_max):
-                g["overlap"] = int(max(initial_votes(p[n], miss_factor=policy.miss_factor, accept_at=policy.accept_at,
+                g["overlap"] = int(max(initial_votes(p[n], miss_factor=policy.miss_factor * tree.levels[n],
+                                                     accept_at=policy.accept_at,
                                                      step=fit.vote_step) if policy.initial_votes is None
                                        else policy.initial_votes for n in g["nodes"]))
                 new.append(g)
@@ -910,7 +925,8 @@ def plan_presence(tree: QuestionTree, pool: Sequence[str], tasks: pd.DataFrame |
                     q = next_question(trial, model, times)
                     if q is None:
                         break
-                    ov = (int(initial_votes(p[q], miss_factor=policy.miss_factor, accept_at=policy.accept_at,
+                    ov = (int(initial_votes(p[q], miss_factor=policy.miss_factor * tree.levels[q],
+                                            accept_at=policy.accept_at,
                                             step=fit.vote_step)) if policy.initial_votes is None
                           else policy.initial_votes)
                     new.append({"image_id": i, "kind": "question", "parent_id": None, "nodes": [q], "overlap": ov})

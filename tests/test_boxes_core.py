@@ -244,6 +244,22 @@ def test_invalid_drawing_is_redrawn_and_duplicate_is_rejected_without_votes():
     assert dup["verified"] == "rejected" and dup["reason"].startswith("duplicate of ") and dup["n_votes"] == 0
 
 
+def test_two_duplicates_in_a_row_ask_coverage_again_instead_of_drawing_until_max_tasks():
+    tb = Tables()
+    p = drive(tb, [
+        ("draw", [(100, 100, 300, 300)]),
+        ("quality", ["yes", "yes", "yes"]),
+        ("coverage", ["no", "no", "yes"]),  # wrong: the only object is boxed
+        ("draw", [(102, 99, 301, 298)]),  # the same object again: one more try
+        ("draw", [(99, 101, 299, 302)]),  # again: the coverage "no" is doubted
+    ])
+    a = only_action(p)
+    assert (a["kind"], a["seq"], a["overlap"]) == ("coverage", 5, STRICT.coverage_overlap)
+    p = drive(tb, [("coverage", ["yes", "yes", "yes"])])
+    assert p.actions.empty and p.coverage.iloc[0]["state"] == "done" and p.coverage.iloc[0]["covered"]
+    assert (p.boxes["verified"] == "accepted").sum() == 1
+
+
 def test_split_votes_get_one_more_vote_unanimous_ones_do_not():
     tb = Tables()
     p = drive(tb, [("draw", [(0, 0, 50, 50)]), ("quality", ["yes", "no"])], policy=BoxesSettings())

@@ -139,6 +139,15 @@ def test_decisions_reject_on_the_bayes_factor_and_accept_on_the_posterior():
     assert st.tolist() == ["accepted"]
 
 
+def test_a_class_miss_budget_is_shared_by_the_questions_above_it():
+    t = toy_tree()  # a -> {c1, c2}, b -> {c3, c4}, c5 on its own: two decisions above c1..c4, one for c5
+    assert {n: int(t.levels[t.index[n]]) for n in ("a", "b", "c1", "c4", "c5")} == {"a": 2, "b": 2, "c1": 2, "c4": 2,
+                                                                                     "c5": 1}
+    # 1:400 against presence clears a lone class (300) but not a node with two decisions on its path (600)
+    st, _, _ = decide_presence(np.log([1 / 400, 1 / 400]), np.array([4, 4]), 0.05, miss_factor=np.array([300.0, 600.0]))
+    assert st.tolist() == ["rejected", "pending"]
+
+
 def test_extreme_points_and_checklist_answers_parse():
     pts = [{"x": 70, "y": 45}, {"x": 25, "y": 50}, {"x": 55, "y": 80}, {"x": 45, "y": 20}]  # any click order
     box, reason = extreme_points_to_box(pts, 400, 200)

@@ -27,6 +27,7 @@ BENCHMARKS = {
     "neardup_quality": [PY, "-m", "benchmarks.neardup_quality"],
     "ingest": [PY, "benchmarks/ingest_vs_img2dataset.py"],
     "crowd_throughput": [PY, "benchmarks/crowd_throughput.py", "--tasks", "5000"],
+    "crowd_pull": [PY, "benchmarks/crowd_pull.py"],
     "boxes_inprocess": [PY, "benchmarks/boxes_sim.py", "--images", "10000"],
     "boxes_server": [PY, "benchmarks/boxes_sim.py", "--images", "0", "--server", "8"],
     "release_write": [PY, "benchmarks/release_write.py"],

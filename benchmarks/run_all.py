@@ -25,6 +25,7 @@ BENCHMARKS = {
     "qc_stream": ["/usr/bin/time", "-v", PY, "benchmarks/qc_speed.py", "stream", "--votes", "100000000"],
     "neardup_speed": [PY, "-m", "benchmarks.neardup_speed"],
     "neardup_quality": [PY, "-m", "benchmarks.neardup_quality"],
+    "neardup_index": [PY, "-m", "benchmarks.neardup_index"],
     "ingest": [PY, "benchmarks/ingest_vs_img2dataset.py"],
     "crowd_throughput": [PY, "benchmarks/crowd_throughput.py", "--tasks", "5000"],
     "crowd_pull": [PY, "benchmarks/crowd_pull.py"],

@@ -98,7 +98,11 @@ def _plan(radius: int, n_hint: int) -> tuple[int, int]:
     return m, k
 
 
-def plan_lookup(radius: int, n_index: int, n_query: int, budget_bytes: float = 16e9) -> tuple[int, int]:
+# Storage a stored index's sorted values may take (plan_lookup): memory-mapped, a lookup touches all of them.
+LOOKUP_BUDGET_BYTES = 16e9
+
+
+def plan_lookup(radius: int, n_index: int, n_query: int, budget_bytes: float = LOOKUP_BUDGET_BYTES) -> tuple[int, int]:
     """(m, k) for an index of `n_index` hashes kept on disk and queried by batches of `n_query` hashes: the
     cheapest batch (per query hash and combination: a bucket lookup, ~50 ns, plus ~8 ns per candidate of the
     ~n_index / 2**bits sharing its key, measured at 1 M and 4 M hashes; plus sorting the batch into the index's

@@ -564,12 +564,17 @@ def _index_summary(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _index_chunks(n_images: int) -> int:
     """Chunking for a (re)built index: the cheapest lookup of a 100,000-image batch against twice the current
-    size (at least a million images), so the plan holds while the index grows."""
+    size (at least a million images), so the plan holds while the index grows, among the plans whose sorted values
+    fit the storage budget at the current size. (Holding the doubled size to the budget gave 2.3 M images (14 M
+    hashes) 8 chunks; a 100,000-image lookup with 8 chunks took 2.2x the CPU of 9 chunks already at 2.4 M hashes,
+    and its candidates grow with the index: benchmarks/neardup_index.py.)"""
     from pipeline.ingest.fingerprint import HASH_COLUMNS
-    from pipeline.ingest.neardup import DEFAULT_RADIUS, plan_lookup
+    from pipeline.ingest.neardup import DEFAULT_RADIUS, LOOKUP_BUDGET_BYTES, plan_lookup
 
     h = len(HASH_COLUMNS)
-    return plan_lookup(DEFAULT_RADIUS, h * max(2 * n_images, 1_000_000), h * 100_000)[0]
+    grown = max(2 * n_images, 1_000_000)
+    return plan_lookup(DEFAULT_RADIUS, h * grown, h * 100_000,
+                       budget_bytes=LOOKUP_BUDGET_BYTES * grown / max(n_images, 1))[0]
 
 
 def merge_ingest(store: Any, *, rebuild: bool = False, collapse_factor: float = COLLAPSE_FACTOR) -> dict[str, Any]:

@@ -255,7 +255,8 @@ class DetSettings(Section):
     max_votes: int = Field(25, ge=1, description="answers per (image, node) before the more probable answer stands")
     accept_at: float = Field(0.99, gt=0.5, lt=1.0, description="present when P(present | answers, co-occurrence) >= this")
     miss_factor: float = Field(
-        300.0, gt=1.0, description="absent only when the answers are this many times likelier for an absent object")
+        300.0, gt=1.0, description="absent only when the answers are this many times likelier for an absent object, "
+        "times the questions on the node's longest path down to a class (so a class is missed at most 1 in this)")
     gold_positives: int = Field(3, ge=0, description="known positives mixed into every gold_batch presence tasks")
     gold_negatives: int = Field(3, ge=0, description="known negatives mixed into every gold_batch presence tasks")
     gold_batch: int = Field(48, ge=1, description="presence tasks per gold_positives + gold_negatives controls")

@@ -433,9 +433,9 @@ def _fit_to_team(labels: pd.DataFrame, plan: pd.DataFrame, block: Block, ctx: Co
     zero = {"needs_new_annotator": 0, "small_team_accepted": 0, "small_team_rejected": 0, "team_capped_votes": 0}
     if not ctx.team.known or not len(plan):
         return labels, plan, {"per_wnid": pd.DataFrame(columns=["wnid", *zero]), "totals": dict(zero)}
-    asked = pd.MultiIndex.from_frame(plan[PAIR])
-    rows = asked.get_indexer(pd.MultiIndex.from_arrays([block.pairs["wnid"].to_numpy()[block.task],
-                                                        block.pairs["image_id"].to_numpy()[block.task]])) >= 0
+    asked = pd.MultiIndex.from_frame(plan[PAIR])  # pairs are matched once, then votes by their task code
+    asked_task = asked.get_indexer(pd.MultiIndex.from_frame(block.pairs[PAIR])) >= 0
+    rows = asked_task[block.task]
     votes = block.votes_frame(rows, ctx.names)
     before = plan
     labels, plan, summary = apply_team(labels, plan, votes, ctx.workers, ctx.team_qc)

@@ -564,22 +564,44 @@ class _Incremental:
     calibration: Calibration
 
 
+def _votes_of(store: Any, synsets: list[str], read: dict[str, Any]) -> pa.Table:
+    """The votes of `synsets`, reading only those of synsets `read` does not hold (`read`: the votes read earlier in
+    the same round and their synsets; a re-decision widened to watched synsets does not read the table twice)."""
+    have: set[str] = read.get("synsets", set())
+    missing = sorted(set(synsets) - have)
+    parts = []
+    if have:
+        held = read["votes"]
+        if not have <= set(synsets):
+            held = held.filter(pa.compute.is_in(held.column("wnid"), value_set=pa.array(sorted(have & set(synsets)))))
+        parts.append(held)
+    if missing or not parts:
+        parts.append(store.read_table("votes", missing_ok=True, columns=VOTE_COLUMNS, filter=[("wnid", "in", missing)]))
+    votes = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    read.update(synsets=set(synsets), votes=votes)
+    return votes
+
+
 def _redecide(store: Any, settings: Any, method: str, asked: pd.DataFrame, last: Round, number: int,
-              changes: Changes, synsets: list[str]) -> _Incremental | None:
+              changes: Changes, synsets: list[str], read: dict[str, Any] | None = None) -> _Incremental | None:
     """Re-decide `synsets` against the rest of the crowd as the last done round left it; None when qc_pairs does
-    not match the votes (then only a full refit can be trusted)."""
+    not match the votes (then only a full refit can be trusted). `read`: votes already read this round."""
     qc = settings.qc
     params = params_from_settings(qc)
     flt = [("wnid", "in", synsets)]
-    votes = store.read_table("votes", missing_ok=True, columns=VOTE_COLUMNS, filter=flt)
+    votes = _votes_of(store, synsets, {} if read is None else read)
     nv = changes.new_votes
     is_new = np.zeros(votes.num_rows, dtype=bool)
     if len(nv) and votes.num_rows:  # a row's key: annotation, image and submitted_at (an edit is a new row)
         have = pd.MultiIndex.from_arrays([nv["annotation_id"].to_numpy(), nv["image_id"].astype(str).to_numpy(),
                                           _micros(nv["submitted_at"])])
-        is_new = pd.MultiIndex.from_arrays([votes.column("annotation_id").to_numpy(),
-                                            votes.column("image_id").to_numpy(zero_copy_only=False),
-                                            _micros(votes.column("submitted_at"))]).isin(have)
+        # only rows whose annotation id is new can be new: the full key is built for those alone
+        maybe = np.flatnonzero(np.isin(votes.column("annotation_id").to_numpy(), nv["annotation_id"].to_numpy()))
+        if len(maybe):
+            sub = votes.take(pa.array(maybe))
+            is_new[maybe] = pd.MultiIndex.from_arrays([sub.column("annotation_id").to_numpy(),
+                                                       sub.column("image_id").to_numpy(zero_copy_only=False),
+                                                       _micros(sub.column("submitted_at"))]).isin(have)
     state = _read(store, "qc_pairs", STATE_COLUMNS, version=int(last.pairs_version), filter=flt)
     codes, totals_v, keep_v, last_vote = _state_of(store, last)
     in_s = lambda f: f[f["wnid"].isin(synsets)]  # noqa: E731
@@ -655,7 +677,8 @@ def _incremental_round(store: Any, settings: Any, method: str, digest: str, aske
                        number: int, versions: dict[str, int], changes: Changes, synsets: list[str], why: str,
                        t0: float) -> dict[str, Any]:
     qc = settings.qc
-    done = _redecide(store, settings, method, asked, last, number, changes, synsets)
+    read: dict[str, Any] = {}
+    done = _redecide(store, settings, method, asked, last, number, changes, synsets, read)
     if done is not None:
         # the model moved: synsets nobody voted on whose pairs near a threshold would now be decided otherwise
         moved = _watch(store, last, done, settings, method)
@@ -666,7 +689,7 @@ def _incremental_round(store: Any, settings: Any, method: str, digest: str, aske
             if len(moved) > len(take):
                 why += f" ({len(moved) - len(take)} more next round)"
             synsets = sorted(set(synsets) | set(take))
-            done = _redecide(store, settings, method, asked, last, number, changes, synsets)
+            done = _redecide(store, settings, method, asked, last, number, changes, synsets, read)
     if done is None:
         return _full_round(store, settings, method, digest, asked, last, number, versions,
                            "qc_pairs does not match the votes it was computed from", t0, None)

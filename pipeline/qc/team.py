@@ -130,6 +130,14 @@ def active_team(votes: pd.DataFrame | None, workers: pd.DataFrame | None, qc: An
     return Team(frozenset(active - flagged), source, len(active & flagged), days)
 
 
+def _isin(values: pd.Series, names: set[str] | frozenset[str]) -> np.ndarray:
+    """values.isin(names), looked up once per distinct value (pandas' isin turns each of a team's names into an
+    Arrow scalar first)."""
+    codes, distinct = pd.factorize(values)
+    hit = np.fromiter((d in names for d in distinct), dtype=bool, count=len(distinct))
+    return np.append(hit, False)[codes]  # code -1 (missing) -> False
+
+
 def _per_pair(frame: pd.DataFrame, counts: pd.DataFrame, column: str) -> np.ndarray:
     """counts[column] for each (image_id, wnid) row of frame (0 where counts has no row)."""
     if frame.empty:
@@ -150,10 +158,10 @@ def apply_team(labels: pd.DataFrame, plan: pd.DataFrame, votes: pd.DataFrame, wo
     if team.known and len(plan):
         v = counted_votes(votes) if votes is not None and len(votes) else pd.DataFrame(columns=[*PAIR, "worker"])
         v = v.assign(worker=v["worker"].astype(str))
-        by_member = v[v["worker"].isin(team.members)].groupby(PAIR).size().rename("members").reset_index()
+        by_member = v[_isin(v["worker"], team.members)].groupby(PAIR).size().rename("members").reset_index()
         used_workers = (set(workers.loc[workers["votes_used"].astype(bool), "worker"].astype(str))
                         if workers is not None and len(workers) and "votes_used" in workers else set(v["worker"]))
-        by_used = v[v["worker"].isin(used_workers)].groupby(PAIR).size().rename("used").reset_index()
+        by_used = v[_isin(v["worker"], used_workers)].groupby(PAIR).size().rename("used").reset_index()
         available = len(team.members) - _per_pair(plan, by_member, "members")
         n_used = _per_pair(plan, by_used, "used")
         n_more = plan["n_more"].to_numpy(np.int64)

@@ -26,7 +26,7 @@ bench: setup
 # The README's pictures: the browser tests render them into test-artifacts/docs/; this copies them into docs/.
 SCREENSHOT_TESTS := tests/test_browser_crowd.py tests/test_browser_grid.py tests/test_boxes_browser.py \
 	tests/test_release_report.py tests/test_airflow_scheduler.py tests/test_challenge_browser.py \
-	tests/test_crowd_onboarding.py
+	tests/test_crowd_onboarding.py tests/test_det_browser.py
 screenshots: setup
 	@$(PY) -m pytest -q $(SCREENSHOT_TESTS)
 	@cp -v test-artifacts/docs/*.png docs/

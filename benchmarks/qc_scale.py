@@ -425,17 +425,13 @@ def run_size(args: argparse.Namespace, images: int, synsets: int | None, rows: l
         rows.append(r)
         shutil.rmtree(base, ignore_errors=True)
         work.rename(base)
-    if "round" in args.steps:
+    for step in ("round", "append"):  # each repeat on a fresh copy of the base state
+        if step not in args.steps:
+            continue
         for rep in range(args.repeats):
-            work = root / f"round-{tag}"
+            work = root / f"{step}-{tag}"
             clone(base, work)
-            rows.append(run_step("round", {**cfg, "rep": rep}, work))
-            shutil.rmtree(work)
-    if "append" in args.steps:
-        for rep in range(args.repeats):
-            work = root / f"append-{tag}"
-            clone(base, work)
-            rows.append(run_step("append", {**cfg, "rep": rep}, work))
+            rows.append(run_step(step, {**cfg, "rep": rep}, work))
             shutil.rmtree(work)
     if "baseline" in args.steps:
         rows.append(run_step("baseline", cfg, world, limit_mb=args.baseline_gb * 1024, timeout=args.baseline_timeout))

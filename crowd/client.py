@@ -221,20 +221,7 @@ class CrowdClient:
     # -- generic helpers used by provision/push/pull and the boxes stage -------------------------------
     def iter_tasks(self, project_id: int, page_size: int = 1000, fields: str = "all") -> Iterator[dict[str, Any]]:
         """Every task of a project (data, id, is_labeled, total_annotations), page by page."""
-        page = 1
-        while True:
-            try:
-                body = self.get_json("/api/tasks", project=project_id, page=page, page_size=page_size, fields=fields)
-            except CrowdError as exc:
-                if exc.status == 404 and page > 1:  # the Data Manager answers 404 past the last page
-                    return
-                raise
-            tasks = body.get("tasks", body) if isinstance(body, dict) else body
-            yield from tasks
-            total = body.get("total") if isinstance(body, dict) else None
-            if not tasks or len(tasks) < page_size or (total is not None and page * page_size >= total):
-                return
-            page += 1
+        yield from self._task_pages(project_id, page_size, fields=fields)
 
     def export_json(self, project_id: int, task_ids: list[int] | None = None) -> list[dict[str, Any]]:
         """Annotated tasks of a project with their annotations (the project's JSON export); with `task_ids`, only
@@ -265,13 +252,17 @@ class CrowdClient:
         query: dict[str, Any] = {"filters": {"conjunction": "and", "items": filters}, "ordering": ["tasks:id"]}
         if light:
             query["hiddenColumns"] = {"explore": DM_COMPUTED, "labeling": DM_COMPUTED}
-        text = json.dumps(query)
+        yield from self._task_pages(project_id, page_size, query=json.dumps(query))
+
+    def _task_pages(self, project_id: int, page_size: int, **params: Any) -> Iterator[dict[str, Any]]:
+        """The Data Manager's task listing (`/api/tasks` with `params`), page by page until a short page, the
+        listing's total or the 404 it answers past the last page."""
         page = 1
         while True:
             try:
-                body = self.get_json("/api/tasks", project=project_id, page=page, page_size=page_size, query=text)
+                body = self.get_json("/api/tasks", project=project_id, page=page, page_size=page_size, **params)
             except CrowdError as exc:
-                if exc.status == 404 and page > 1:  # the Data Manager answers 404 past the last page
+                if exc.status == 404 and page > 1:
                     return
                 raise
             tasks = body.get("tasks", []) if isinstance(body, dict) else body

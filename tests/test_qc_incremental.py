@@ -365,7 +365,6 @@ def test_maintenance_dag_compacts_refits_and_vacuums(airflow_db, tmp_path):
     assert run.state == "success", run.state
     votes_after = store.read_table("votes").to_pandas().sort_values("annotation_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(votes_before, votes_after, check_like=True)
-    assert len(store.read_table("votes").to_pandas()) == len(votes_before)
     assert files_before > 1 and live_files() < files_before
     rounds = store.read_table("qc_rounds").to_pandas()
     assert rounds.iloc[-1]["mode"] == "full" and rounds.iloc[-1]["state"] == "done"

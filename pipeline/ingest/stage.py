@@ -670,7 +670,6 @@ def _counts(rows: pd.DataFrame, links: pd.DataFrame) -> dict[str, Any]:
 def _merge_new(store: Any, sidx: Any, manifest: dict[str, Any], index: Any, parts: list[str], notes: list[str],
                collapse_factor: float) -> dict[str, Any]:
     from pipeline.ingest.dedup import groups_from_pairs
-    from pipeline.store import KeyExists, TableConflict
 
     gen = int(manifest["generation"]) + 1
     seen = manifest["tables"]
@@ -747,18 +746,28 @@ def _merge_new(store: Any, sidx: Any, manifest: dict[str, Any], index: Any, part
     new_manifest = {"generation": gen, "created_at": now.isoformat(), "index": sidx.spec(index), "segments": segments,
                     "n_images": len(index), "parts": [*parts, *notes], "tables": _table_versions(store),
                     "synsets": marks, "stats": stats, "rebuilt": None}
-    try:
-        sidx.commit(new_manifest)
-    except KeyExists:
-        raise TableConflict(f"another ingest merge committed index generation {gen} at {store.url} while this one ran; "
-                            "rerun the merge") from None
-    for k in (*parts, *notes):
-        store.delete(k)
-    sidx.cleanup(new_manifest)
-    store.delete(_pending_key(gen))
+    _commit_generation(store, sidx, new_manifest, [*parts, *notes], "this one ran; rerun the merge")
     return {**_counts(versions, links), "merged_parts": len(parts), "near_pairs": int(len(new_pairs)),
             "status_changes": int(len(flips)), "affected_images": len(affected), "collapsed": collapsed,
             "index": _index_summary(new_manifest), "rebuilt": None}
+
+
+def _commit_generation(store: Any, sidx: Any, manifest: dict[str, Any], merged: list[str], retry: str) -> None:
+    """Commit an index generation's manifest (the merge's commit point), then delete the parts and notes it merged,
+    the segments no live manifest names and the generation's pending marker. `retry`: the end of the message when
+    another merge committed the same generation first."""
+    from pipeline.store import KeyExists, TableConflict
+
+    gen = manifest["generation"]
+    try:
+        sidx.commit(manifest)
+    except KeyExists:
+        raise TableConflict(f"another ingest merge committed index generation {gen} at {store.url} while "
+                            f"{retry}") from None
+    for k in merged:
+        store.delete(k)
+    sidx.cleanup(manifest)
+    store.delete(_pending_key(gen))
 
 
 def _collapse(store: Any, name: str, stats: dict[str, Any] | None, appended: int, superseded: int,
@@ -782,7 +791,6 @@ def _rebuild(store: Any, sidx: Any, manifest: dict[str, Any] | None, parts: list
     """The full path: settle every images row and part, index every accepted image from scratch, rewrite images,
     near_pairs and image_links with one row per key, and start a new index generation (recovery, first merge)."""
     from pipeline.ingest.neardup import NearDupIndex
-    from pipeline.store import KeyExists, TableConflict
 
     gen = int(manifest["generation"]) + 1 if manifest else 1
     now = datetime.now(UTC)
@@ -812,15 +820,7 @@ def _rebuild(store: Any, sidx: Any, manifest: dict[str, Any] | None, parts: list
                     "synsets": marks, "rebuilt": reason,
                     "stats": {"images": {"rows": int(len(images)), "superseded": 0},
                               "image_links": {"rows": int(len(links)), "superseded": 0}}}
-    try:
-        sidx.commit(new_manifest)
-    except KeyExists:
-        raise TableConflict(f"another ingest merge committed index generation {gen} at {store.url} while this "
-                            "rebuild ran; rerun it") from None
-    for k in (*parts, *notes):
-        store.delete(k)
-    sidx.cleanup(new_manifest)
-    store.delete(_pending_key(gen))
+    _commit_generation(store, sidx, new_manifest, [*parts, *notes], "this rebuild ran; rerun it")
     return {**summarize(images, links), "merged_parts": len(parts), "near_pairs": int(len(near)), "status_changes": 0,
             "index": _index_summary(new_manifest), "rebuilt": reason}
 

@@ -342,6 +342,34 @@ def test_an_edited_answer_is_a_new_row_the_round_takes_as_the_latest(tmp_path):
     assert (a["status"] == b["status"]).all() and (a["n_yes"] == b["n_yes"]).all()
 
 
+def test_block_with_earlier_rows_equals_coding_them_apart():
+    """`Block.with_earlier` codes the votes once; its earlier block must equal `from_votes` on those rows alone,
+    with repeats, edits (same annotation and image, later time) and a worker voting twice on one pair."""
+    import pyarrow as pa
+
+    from pipeline.qc.votes import Block, WorkerCodes
+
+    rng = np.random.default_rng(3)
+    n = 400
+    aid = rng.integers(0, 150, n)
+    t = pa.table({"annotation_id": aid, "image_id": [f"i{k % 40:03d}" for k in aid],
+                  "wnid": [f"n{k % 3:08d}" for k in aid], "worker": [f"w{k}" for k in rng.integers(0, 12, n)],
+                  "answer": rng.choice(["yes", "no", " Yes"], n),
+                  "submitted_at": pa.array(rng.integers(0, 10**9, n), pa.timestamp("us", tz="UTC"))})
+    extra = pd.DataFrame({"wnid": ["n00000009", "n00000001"], "image_id": ["zz", "i001"]})
+    for earlier in (rng.random(n) < 0.7, np.zeros(n, dtype=bool), np.ones(n, dtype=bool)):
+        codes = WorkerCodes([])
+        block, old = Block.with_earlier(t, codes, extra, earlier)
+        ref = Block.from_votes(t, codes, extra)
+        ref_old = Block.from_votes(t, codes, ref.pairs, keep_rows=earlier)
+        assert block.pairs.equals(ref.pairs)
+        assert old.pairs.astype(str).values.tolist() == ref_old.pairs.astype(str).values.tolist()
+        for a, b in ((block, ref), (old, ref_old)):
+            for col in ("task", "worker", "label", "annotation_id", "submitted_at"):
+                assert np.array_equal(getattr(a, col), getattr(b, col)), col
+        assert len(old.task) == len(ref_old.task) and (len(old.task) > 0) == bool(earlier.any())
+
+
 # ----- the maintenance DAG -----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_maintenance_dag_compacts_refits_and_vacuums(airflow_db, tmp_path):

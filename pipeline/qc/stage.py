@@ -611,12 +611,11 @@ def _redecide(store: Any, settings: Any, method: str, asked: pd.DataFrame, last:
                       linked=in_s(changes.links) if changes.links is not None else state.loc[state["linked"], PAIR],
                       asked=pd.concat([state.loc[state["asked"], PAIR], in_s(asked)], ignore_index=True),
                       controls=in_s(changes.controls))
-    block = Block.from_votes(votes, codes, sources.pairs())
+    # and what these synsets gave the model last time: their old votes (with the posteriors qc_pairs kept)
+    block, old = Block.with_earlier(votes, codes, sources.pairs(), ~is_new)
     flags = flags_of(block.pairs, sources)
     n_workers = len(codes)
 
-    # what these synsets gave the model last time, from their old votes and the posteriors qc_pairs kept
-    old = Block.from_votes(votes, codes, block.pairs, keep_rows=~is_new)
     pos = pd.MultiIndex.from_frame(state[PAIR]).get_indexer(pd.MultiIndex.from_frame(block.pairs[PAIR])) if len(state) \
         else np.full(block.n_tasks, -1)
     found = pos >= 0

@@ -91,6 +91,89 @@ def _keep_latest(group: np.ndarray, *order_keys: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class _Coded:
+    """Votes cleaned and coded once. Per row: `label` (1 = yes), `pair_key` (synset rank x images + image rank, so
+    sorted keys are sorted pairs), `w_local` (rank among the workers of these votes; `w_global` their codes),
+    `aid`, `sub` (submitted_at, int64 microseconds), `ai` (annotation rank); `images`, `wnids` sorted."""
+
+    label: np.ndarray
+    pair_key: np.ndarray
+    img_rank: np.ndarray
+    w_local: np.ndarray
+    w_global: np.ndarray
+    aid: np.ndarray
+    ai: np.ndarray
+    sub: np.ndarray
+    images: pa.Array
+    wnids: pa.Array
+
+    @staticmethod
+    def of(votes: pa.Table, codes: WorkerCodes) -> _Coded:
+        if not votes.num_rows:
+            z = np.zeros(0, dtype=np.int64)
+            return _Coded(z, z, z, z, z, z, z, z, pa.array([], pa.string()), pa.array([], pa.string()))
+        answer = pc.utf8_lower(pc.utf8_trim_whitespace(votes.column("answer")))
+        label = pc.index_in(answer, value_set=pa.array([NO, YES])).to_numpy(zero_copy_only=False)
+        bad = np.isnan(label) if label.dtype.kind == "f" else label < 0
+        if bad.any():
+            ids = np.asarray(votes.column("annotation_id").to_numpy())[bad][:5].tolist()
+            vals = sorted(set(pc.cast(votes.column("answer"), pa.string()).to_numpy(zero_copy_only=False)[bad].tolist()))[:5]
+            raise QCInputError(f"votes table: {int(bad.sum())} answer(s) other than 'yes'/'no' (annotation ids {ids}, "
+                               f"values {vals}); fix the pull step's answer mapping and pull again; nothing was written")
+        img_rank, images = _dict_ranks(votes.column("image_id"))
+        wn_rank, wnids = _dict_ranks(votes.column("wnid"))
+        w_local, w_names = _dict_ranks(votes.column("worker"))
+        aid = votes.column("annotation_id").to_numpy().astype(np.int64)
+        return _Coded(label=label.astype(np.int64), pair_key=wn_rank * len(images) + img_rank, img_rank=img_rank,
+                      w_local=w_local, w_global=codes.codes_of(w_names.to_numpy(zero_copy_only=False)), aid=aid,
+                      ai=np.unique(aid, return_inverse=True)[1].astype(np.int64),
+                      sub=pc.cast(votes.column("submitted_at"), pa.int64()).to_numpy().astype(np.int64),
+                      images=images, wnids=wnids)
+
+    def counted(self, rows: np.ndarray | None) -> np.ndarray:
+        """The rows counted among `rows` (all when None), in annotation order: of a repeated (annotation, image)
+        row the latest, then one vote per worker and pair, the latest."""
+        idx = np.arange(len(self.aid)) if rows is None else np.asarray(rows, dtype=np.int64)
+        if not len(idx):
+            return idx
+        n_img = len(self.images)
+        idx = idx[_keep_latest(self.ai[idx] * n_img + self.img_rank[idx], self.sub[idx])]
+        idx = idx[_keep_latest(self.pair_key[idx] * len(self.w_global) + self.w_local[idx], self.sub[idx], self.aid[idx])]
+        return idx[np.argsort(self.aid[idx], kind="stable")]
+
+    def last_vote(self, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Each worker's newest submitted_at among `rows` (all when None), repeats included."""
+        sel = slice(None) if rows is None else rows
+        newest = np.full(len(self.w_global), np.iinfo(np.int64).min)
+        np.maximum.at(newest, self.w_local[sel], self.sub[sel])
+        return self.w_global, newest
+
+    def block(self, idx: np.ndarray, extra_pairs: pd.DataFrame | None, rows: np.ndarray | None = None
+              ) -> tuple[Block, np.ndarray, np.ndarray]:
+        """The Block of the counted rows `idx` (`rows`: the rows read, for last_vote), with its voted pair keys
+        (sorted) and each key's task code."""
+        n_img = len(self.images)
+        voted_key, voted_inv = np.unique(self.pair_key[idx], return_inverse=True)
+        voted = pd.DataFrame({"wnid": self.wnids.take(pa.array(voted_key // max(n_img, 1))).to_numpy(zero_copy_only=False),
+                              "image_id": self.images.take(pa.array(voted_key % max(n_img, 1))).to_numpy(zero_copy_only=False)})
+        if not len(voted):
+            voted = pd.DataFrame({"wnid": pd.Series(dtype=object), "image_id": pd.Series(dtype=object)})
+        key_task = np.arange(len(voted_key), dtype=np.int64)
+        pairs = voted
+        if extra_pairs is not None and len(extra_pairs):
+            extra = extra_pairs[PAIR].astype(str)
+            pairs = pd.concat([voted, extra], ignore_index=True).drop_duplicates(PAIR)
+            pairs = pairs.sort_values(PAIR, kind="stable").reset_index(drop=True)
+            if len(voted):
+                key_task = np.asarray(pd.MultiIndex.from_frame(pairs).get_indexer(pd.MultiIndex.from_frame(voted)),
+                                      dtype=np.int64)
+        block = Block(pairs=pairs.reset_index(drop=True), task=key_task[voted_inv].astype(np.int64),
+                      worker=self.w_global[self.w_local[idx]], label=self.label[idx], annotation_id=self.aid[idx],
+                      submitted_at=self.sub[idx], last_vote=self.last_vote(rows))
+        return block, voted_key, key_task
+
+
+@dataclass
 class Block:
     """Counted votes and pairs of a set of synsets. `pairs`: wnid, image_id (sorted; row = task code); per vote
     `task`, `worker` (global codes), `label` (1 = yes), `annotation_id`, `submitted_at` (int64 microseconds).
@@ -117,56 +200,27 @@ class Block:
         round had."""
         if keep_rows is not None:
             votes = votes.filter(pa.array(keep_rows))
-        n = votes.num_rows
-        if n:
-            answer = pc.utf8_lower(pc.utf8_trim_whitespace(votes.column("answer")))
-            label = pc.index_in(answer, value_set=pa.array([NO, YES])).to_numpy(zero_copy_only=False)
-            bad = np.isnan(label) if label.dtype.kind == "f" else label < 0
-            if bad.any():
-                ids = np.asarray(votes.column("annotation_id").to_numpy())[bad][:5].tolist()
-                vals = sorted(set(pc.cast(votes.column("answer"), pa.string()).to_numpy(zero_copy_only=False)[bad].tolist()))[:5]
-                raise QCInputError(f"votes table: {int(bad.sum())} answer(s) other than 'yes'/'no' (annotation ids {ids}, "
-                                   f"values {vals}); fix the pull step's answer mapping and pull again; nothing was written")
-            label = label.astype(np.int64)
-            img_rank, images = _dict_ranks(votes.column("image_id"))
-            wn_rank, wnids = _dict_ranks(votes.column("wnid"))
-            w_local, w_names = _dict_ranks(votes.column("worker"))
-            w_global = codes.codes_of(w_names.to_numpy(zero_copy_only=False))
-            worker = w_global[w_local]
-            aid = votes.column("annotation_id").to_numpy().astype(np.int64)
-            sub = pc.cast(votes.column("submitted_at"), pa.int64()).to_numpy().astype(np.int64)
-            newest = np.full(len(w_names), np.iinfo(np.int64).min)
-            np.maximum.at(newest, w_local, sub)
-            last_vote = (w_global, newest)
-            # a repeated (annotation, image) row: the latest kept; then one vote per worker and pair, the latest
-            n_img = len(images)
-            pair_key = wn_rank * n_img + img_rank
-            ai = np.unique(aid, return_inverse=True)[1].astype(np.int64)
-            keep = _keep_latest(ai * n_img + img_rank, sub)
-            idx = np.flatnonzero(keep)
-            keep2 = _keep_latest(pair_key[idx] * len(w_names) + w_local[idx], sub[idx], aid[idx])
-            idx = idx[keep2]
-            idx = idx[np.argsort(aid[idx], kind="stable")]
-            voted_key, voted_inv = np.unique(pair_key[idx], return_inverse=True)
-            voted = pd.DataFrame({"wnid": wnids.take(pa.array(voted_key // n_img)).to_numpy(zero_copy_only=False),
-                                  "image_id": images.take(pa.array(voted_key % n_img)).to_numpy(zero_copy_only=False)})
-        else:
-            idx = np.zeros(0, dtype=np.int64)
-            voted = pd.DataFrame({"wnid": pd.Series(dtype=object), "image_id": pd.Series(dtype=object)})
-            voted_inv = np.zeros(0, dtype=np.int64)
-            label = worker = aid = sub = np.zeros(0, dtype=np.int64)
-            last_vote = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
-        if extra_pairs is not None and len(extra_pairs):
-            extra = extra_pairs[PAIR].astype(str)
-            pairs = pd.concat([voted, extra], ignore_index=True).drop_duplicates(PAIR)
-            pairs = pairs.sort_values(PAIR, kind="stable").reset_index(drop=True)
-            pos = pd.MultiIndex.from_frame(pairs).get_indexer(pd.MultiIndex.from_frame(voted)) if len(voted) else \
-                np.zeros(0, dtype=np.int64)
-            task = np.asarray(pos, dtype=np.int64)[voted_inv]
-        else:
-            pairs, task = voted, voted_inv.astype(np.int64)
-        return Block(pairs=pairs.reset_index(drop=True), task=task, worker=worker[idx], label=label[idx],
-                     annotation_id=aid[idx], submitted_at=sub[idx], last_vote=last_vote)
+        coded = _Coded.of(votes, codes)
+        return coded.block(coded.counted(None), extra_pairs)[0]
+
+    @staticmethod
+    def with_earlier(votes: pa.Table, codes: WorkerCodes, extra_pairs: pd.DataFrame | None, earlier: np.ndarray
+                     ) -> tuple[Block, Block]:
+        """`from_votes(votes, codes, extra_pairs)` and, on its pairs and task codes, the block of the rows `earlier`
+        marks (what an earlier round counted): `from_votes(votes, codes, block.pairs, keep_rows=earlier)`, with the
+        votes coded once."""
+        coded = _Coded.of(votes, codes)
+        block, keys, key_task = coded.block(coded.counted(None), extra_pairs)
+        rows = np.flatnonzero(earlier)
+        idx = coded.counted(rows)
+        at = np.minimum(np.searchsorted(keys, coded.pair_key[idx]), max(len(keys) - 1, 0))
+        if len(idx) and not (len(keys) and (keys[at] == coded.pair_key[idx]).all()):
+            # an earlier row's pair that no latest row has (an edit moved it): code those rows on their own
+            return block, Block.from_votes(votes, codes, block.pairs, keep_rows=earlier)
+        old = Block(pairs=block.pairs, task=key_task[at] if len(idx) else np.zeros(0, np.int64),
+                    worker=coded.w_global[coded.w_local[idx]], label=coded.label[idx], annotation_id=coded.aid[idx],
+                    submitted_at=coded.sub[idx], last_vote=coded.last_vote(rows))
+        return block, old
 
     def votes_frame(self, rows: np.ndarray | None, names: list[str]) -> pd.DataFrame:
         """The counted votes (all, or the mask `rows` over votes) as a votes-like frame (for pipeline.qc.team)."""

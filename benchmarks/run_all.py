@@ -33,6 +33,7 @@ BENCHMARKS = {
     "boxes_server": [PY, "benchmarks/boxes_sim.py", "--images", "0", "--server", "8"],
     "release_write": [PY, "benchmarks/release_write.py"],
     "scale": [PY, "benchmarks/scale.py"],
+    "celery_scale": [PY, "benchmarks/celery_scale.py"],  # 10,000 URLs, 10 shards: Local, Celery x1, Celery x2
     "qc_scale": [PY, "benchmarks/qc_scale.py", "--root", "/tmp/qcscale", "--images", "128000,1280000", "--clean"],
     "challenge": [PY, "benchmarks/challenge.py"],
     "presence": [PY, "benchmarks/presence_sim.py"],

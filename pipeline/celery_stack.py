@@ -39,6 +39,10 @@ WORKER_COMMAND = ("airflow", "celery", "worker")
 # key decrypts connections everywhere: every Airflow process of an installation needs the same values.
 SHARED_SECRETS = ("AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY", "AIRFLOW__CORE__FERNET_KEY")
 WORKER_NAME_VAR = "SYNSETFORGE_WORKER_NAME"
+# The servers the stack runs (Debian 12's postgresql-15 and redis-server 7.0, found by services.postgres_binary and
+# start_redis): the PostgreSQL major and the Redis major.minor. The deploy files' postgres / redis images must be
+# these versions (check.py); tests/test_airflow_celery.py asserts the running servers report them.
+TESTED_VERSIONS = {"postgres": "15", "redis": "7.0"}
 
 
 def metadata_url(user: str, password: str, host: str, port: int | str, database: str) -> str:

@@ -46,11 +46,14 @@ def test_files_parse_and_say_what_the_brief_asks():
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
     for name in ("postgres", "redis", "airflow-init", "airflow-api-server", "airflow-scheduler",
-                 "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "label-studio", "label-studio-db",
-                 "minio", "minio-init"):
+                 "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "label-studio", "minio", "minio-init"):
         assert name in services
     assert services["airflow-worker"]["deploy"]["replicas"] >= 3
-    assert services["label-studio"]["environment"]["POSTGRE_HOST"] == "label-studio-db"
+    # Label Studio in a database of its own on Airflow's PostgreSQL, as tests/test_airflow_celery.py runs it.
+    assert services["label-studio"]["environment"]["POSTGRE_HOST"] == "postgres"
+    assert services["label-studio"]["environment"]["POSTGRE_NAME"] == "labelstudio"
+    assert check.initdb_databases(services["postgres"], DEPLOY) == {"labelstudio"}
+    assert [n for n, s in services.items() if str(s.get("image", "")).startswith("postgres:")] == ["postgres"]
     values = yaml.safe_load((DEPLOY / "helm" / "values.yaml").read_text())
     assert values["executor"] == "CeleryExecutor" and values["workers"]["replicas"] >= 2
     assert check.dockerfile_dags_target((DEPLOY / "Dockerfile").read_text()) == "/opt/airflow/dags"
@@ -75,7 +78,7 @@ def test_env_example_missing_variable_is_caught(deploy_copy, airflow_opts):
 COMPOSE_BREAKAGES = [
     ('"127.0.0.1:8080:8080"', '"8080:8080"', "is not bound to 127.0.0.1"),
     ("minio/minio:RELEASE.2025-09-07T16-13-09Z", "minio/minio:latest", "is not pinned"),
-    ("image: redis:7.2.10-bookworm", "image: redis", "has no tag"),
+    ("image: redis:7.0.15-bookworm", "image: redis", "has no tag"),
     ("SYNSETFORGE__CROWD__URL:", "SYNSETFORGE__CROWD__ADDRESS:", "has no field 'address'"),
     ("SYNSETFORGE__CROWD__URL:", "SYNSETFORGE__LABELS__URL:", "no settings section 'labels'"),
     ("AIRFLOW__CORE__EXECUTOR: CeleryExecutor", "AIRFLOW__CORE__EXECUTOR: LocalExecutor", "not CeleryExecutor"),
@@ -173,7 +176,7 @@ PROVEN_COMPOSE_BREAKAGES = [
     ("SQL_ALCHEMY_CONN: postgresql+psycopg2://", "SQL_ALCHEMY_CONN: postgresql://", "is not shaped like the tested"),
     ("@redis:6379/0", "@redis:6379/1", "is not shaped like the tested"),
     ("redis://:${REDIS_PASSWORD}@redis", "redis://:${AIRFLOW_DB_PASSWORD}@redis", "requires (--requirepass)"),
-    ("@postgres:5432/airflow\n    AIRFLOW__CELERY__BROKER_URL", "@label-studio-db:5432/airflow\n    AIRFLOW__CELERY__BROKER_URL",
+    ("@postgres:5432/airflow\n    AIRFLOW__CELERY__BROKER_URL", "@results-db:5432/airflow\n    AIRFLOW__CELERY__BROKER_URL",
      "the result backend must be the metadata database"),
     ("    AIRFLOW__API_AUTH__JWT_SECRET: ${AIRFLOW_JWT_SECRET}\n", "", "AIRFLOW__API_AUTH__JWT_SECRET is not set"),
     ("AIRFLOW__CELERY__WORKER_CONCURRENCY: ${AIRFLOW_WORKER_CONCURRENCY}\n", "",
@@ -181,8 +184,18 @@ PROVEN_COMPOSE_BREAKAGES = [
     ('command: ["airflow", "celery", "worker"]', 'command: ["airflow", "celery", "worker", "--queues", "other"]',
      "is not the tested 'airflow celery worker'"),
     ("      DJANGO_DB: default", "      DJANGO_DB: sqlite", "DJANGO_DB='sqlite'"),
-    ("      POSTGRE_HOST: label-studio-db", "      POSTGRE_HOST: postgres", "has POSTGRES_DB='airflow'"),
     ("      POSTGRE_PORT: \"5432\"\n", "", "POSTGRE_PORT is not set"),
+    # Label Studio on Airflow's PostgreSQL service, in a database of its own created at init, as tested.
+    ("      POSTGRE_HOST: postgres", "      POSTGRE_HOST: redis", "is not Airflow's PostgreSQL service 'postgres'"),
+    ("      POSTGRE_PORT: \"5432\"", "      POSTGRE_PORT: \"5433\"", "is not the port Airflow uses on postgres"),
+    ("      POSTGRE_NAME: labelstudio", "      POSTGRE_NAME: airflow", "is Airflow's database"),
+    ("      POSTGRE_NAME: labelstudio", "      POSTGRE_NAME: crowd", "creates database 'crowd'"),
+    ("      - ./postgres-init:/docker-entrypoint-initdb.d:ro\n", "", "creates database 'labelstudio'"),
+    ("      POSTGRE_USER: airflow", "      POSTGRE_USER: labelstudio", "but postgres has POSTGRES_USER='airflow'"),
+    # The servers are the versions the tests' stack ran (pipeline/celery_stack.py TESTED_VERSIONS).
+    ("image: postgres:15.10-bookworm", "image: postgres:16.10-bookworm", "is not PostgreSQL 15"),
+    ("image: redis:7.0.15-bookworm", "image: redis:7.2.10-bookworm", "is not Redis 7.0"),
+    ("image: redis:7.0.15-bookworm", "image: redis:7-bookworm", "is not Redis 7.0"),
 ]
 
 
@@ -201,6 +214,9 @@ PROVEN_HELM_BREAKAGES = [
      "is not the tested 'airflow celery worker'"),
     ('  args: ["bash", "-c", "exec airflow celery worker"]\n', "", "workers.args is not set"),
     ("    worker_concurrency: 8\n", "    pool: prefork\n", "config.celery.worker_concurrency is not set"),
+    ('    tag: "15.4.0-debian-11-r45"', '    tag: "16.1.0-debian-11-r15"', "postgresql.image: tag '16.1.0-debian-11-r15' is not"),
+    ('    tag: "7.0.15-bookworm"', '    tag: "7.2-bookworm"', "images.redis: tag '7.2-bookworm' is not Redis 7.0"),
+    ('    tag: "7.0.15-bookworm"\n', "", "images.redis.tag is not set"),
 ]
 
 
@@ -209,6 +225,27 @@ def test_helm_values_must_say_what_the_celery_stack_proved(deploy_copy, old, new
     _edit(deploy_copy / "helm" / "values.yaml", old, new)
     problems = check.check_deploy(deploy=deploy_copy)
     assert any(expected in p for p in problems), problems
+
+
+def test_deploy_images_are_the_server_versions_the_test_stack_ran():
+    """Every PostgreSQL / Redis image of the compose file and the chart's bundled ones have the tested PostgreSQL
+    major and Redis major.minor (TESTED_VERSIONS, which tests/test_airflow_celery.py asserts the running servers
+    report); a different major fails the check."""
+    from pipeline.celery_stack import TESTED_VERSIONS
+
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    servers = {name: (check._server_of(s["image"]), check._tag(s["image"])) for name, s in compose["services"].items()
+               if check._server_of(s.get("image", ""))}
+    assert {s for s, _ in servers.values()} == {"postgres", "redis"}, servers
+    for name, (server, tag) in servers.items():
+        major = tag.split("-")[0].split(".")[:len(TESTED_VERSIONS[server].split("."))]
+        assert ".".join(major) == TESTED_VERSIONS[server], f"service {name}: {tag} is not {TESTED_VERSIONS[server]}"
+    values = yaml.safe_load((DEPLOY / "helm" / "values.yaml").read_text())
+    assert values["postgresql"]["image"]["tag"].split(".")[0] == TESTED_VERSIONS["postgres"]
+    assert values["images"]["redis"]["tag"].startswith(TESTED_VERSIONS["redis"] + ".")
+    assert check.tag_version_problems("x", "postgres", "16.10-bookworm") and check.tag_version_problems(
+        "x", "redis", "7.2.10")
+    assert check.tag_version_problems("x", "postgres", "15.10-bookworm") == []
 
 
 def test_the_proven_settings_are_the_ones_the_test_stack_runs_with():

@@ -463,6 +463,58 @@ def _proven_patterns() -> dict[str, re.Pattern[str]]:
     return out
 
 
+# Image names (the last part of the repository) of the servers the tested stack runs, by TESTED_VERSIONS key:
+# the official postgres / redis images and Bitnami's postgresql (the Helm chart's bundled database).
+_SERVER_IMAGES = {"postgres": "postgres", "postgresql": "postgres", "redis": "redis"}
+_SERVER_NAMES = {"postgres": "PostgreSQL", "redis": "Redis"}
+
+
+def tag_version_problems(where: str, server: str, tag: str) -> list[str]:
+    """The image tag (`15.10-bookworm`, `7.0.15`, `15.4.0-debian-11-r45`) names the version the tests' stack ran
+    (pipeline.celery_stack.TESTED_VERSIONS: PostgreSQL's major, Redis's major.minor); a shorter tag (`7`) floats.
+
+    >>> tag_version_problems("x", "redis", "7.0.15-bookworm"), len(tag_version_problems("x", "redis", "7.2.10"))
+    ([], 1)
+    """
+    from pipeline.celery_stack import TESTED_VERSIONS
+
+    want = TESTED_VERSIONS[server].split(".")
+    m = re.match(r"v?(\d+(?:\.\d+)*)", tag or "")
+    if m is None or m.group(1).split(".")[:len(want)] != want:
+        return [f"{where}: tag {tag!r} is not {_SERVER_NAMES[server]} {TESTED_VERSIONS[server]}, the version the tests' "
+                "stack runs (pipeline/celery_stack.py TESTED_VERSIONS)"]
+    return []
+
+
+def _server_of(image: str) -> str | None:
+    """'postgres' / 'redis' for an image of one of the tested servers, else None."""
+    name = image.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
+    return _SERVER_IMAGES.get(name)
+
+
+def _metadata_parts(env: Mapping[str, str]) -> dict[str, str] | None:
+    """user, password, host, port and database of an Airflow container's metadata URL (None if not the tested shape)."""
+    m = _proven_patterns()["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].fullmatch(
+        env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", ""))
+    return m.groupdict() if m else None
+
+
+def initdb_databases(service: Mapping[str, Any], compose_dir: Path) -> set[str]:
+    """Databases the init scripts mounted into the service's /docker-entrypoint-initdb.d create (CREATE DATABASE)."""
+    names: set[str] = set()
+    for vol in service.get("volumes") or []:
+        source, target = ((vol.get("source"), vol.get("target")) if isinstance(vol, dict)
+                          else (str(vol).split(":") + [None])[:2])
+        if not source or not str(target or "").startswith("/docker-entrypoint-initdb.d"):
+            continue
+        path = compose_dir / source
+        files = sorted(path.iterdir()) if path.is_dir() else [path] if path.is_file() else []
+        for f in files:
+            if f.suffix in (".sql", ".sh"):
+                names |= set(re.findall(r'CREATE\s+DATABASE\s+"?(\w+)"?', f.read_text(), re.IGNORECASE))
+    return names
+
+
 def proven_env_problems(where: str, env: Mapping[str, str], services: Mapping[str, Any]) -> list[str]:
     """The Airflow containers' variables say what the tests' CeleryExecutor stack proved: the same executor, metadata
     URL (driver named), result backend on that same database, Redis broker (database 0, with a password), worker
@@ -520,30 +572,48 @@ def proven_worker_problems(where: str, command: Any) -> list[str]:
     return []
 
 
-def proven_labelstudio_problems(where: str, env: Mapping[str, str], services: Mapping[str, Any]) -> list[str]:
-    """Label Studio on PostgreSQL with the variables crowd/server.py starts it with in the tests."""
+def proven_labelstudio_problems(where: str, env: Mapping[str, str], services: Mapping[str, Any],
+                                metadata: Mapping[str, str] | None = None, compose_dir: Path = DEPLOY) -> list[str]:
+    """Label Studio on PostgreSQL with the variables crowd/server.py starts it with in the tests, on the server the
+    tests put it on: Airflow's (`metadata`: the parts of the Airflow containers' metadata URL), in a database of its
+    own that the server's init scripts create, as that server's user."""
     from crowd.server import postgres_env
 
     wanted = postgres_env("postgresql://u:p@h:1/n")
     problems = [f"{where}: {k} is not set (Label Studio on PostgreSQL, as tested)" for k in wanted if k not in env]
     if env.get("DJANGO_DB") != wanted["DJANGO_DB"]:
         problems.append(f"{where}: DJANGO_DB={env.get('DJANGO_DB')!r}, not {wanted['DJANGO_DB']!r} (PostgreSQL)")
-    db = services.get(env.get("POSTGRE_HOST", ""))
+    host, name = env.get("POSTGRE_HOST", ""), env.get("POSTGRE_NAME")
+    if metadata:
+        if host != metadata["db_host"]:
+            problems.append(f"{where}: POSTGRE_HOST={host!r} is not Airflow's PostgreSQL service "
+                            f"{metadata['db_host']!r}: the tests run Label Studio on that server")
+        if env.get("POSTGRE_PORT") != metadata["db_port"]:
+            problems.append(f"{where}: POSTGRE_PORT={env.get('POSTGRE_PORT')!r} is not the port Airflow uses on "
+                            f"{metadata['db_host']} ({metadata['db_port']!r})")
+        if name == metadata["db_name"]:
+            problems.append(f"{where}: POSTGRE_NAME={name!r} is Airflow's database: the tests give Label Studio a "
+                            "database of its own on that server")
+    db = services.get(host)
     if db is not None:
         db_env = _environment(db)
-        for var, own in (("POSTGRE_NAME", "POSTGRES_DB"), ("POSTGRE_USER", "POSTGRES_USER"),
-                         ("POSTGRE_PASSWORD", "POSTGRES_PASSWORD")):
+        for var, own in (("POSTGRE_USER", "POSTGRES_USER"), ("POSTGRE_PASSWORD", "POSTGRES_PASSWORD")):
             if env.get(var) != db_env.get(own):
-                problems.append(f"{where}: {var}={env.get(var)!r} but {env.get('POSTGRE_HOST')} has {own}="
-                                f"{db_env.get(own)!r}")
+                problems.append(f"{where}: {var}={env.get(var)!r} but {host} has {own}={db_env.get(own)!r}")
+        if name and name != db_env.get("POSTGRES_DB") and name not in initdb_databases(db, compose_dir):
+            problems.append(f"{where}: no init script of service {host} creates database {name!r} (CREATE DATABASE "
+                            "in a file mounted into /docker-entrypoint-initdb.d)")
     elif "POSTGRE_HOST" in env:
         problems.append(f"{where}: POSTGRE_HOST {env['POSTGRE_HOST']!r} is no compose service")
     return problems
 
 
-def compose_proven_problems(compose: Mapping[str, Any]) -> list[str]:
+def compose_proven_problems(compose: Mapping[str, Any], compose_dir: Path = DEPLOY) -> list[str]:
     services = compose.get("services") or {}
     problems = []
+    airflow = [_environment(s) for s in services.values()
+               if s.get("build") or "AIRFLOW__CORE__EXECUTOR" in _environment(s)]
+    metadata = next((parts for parts in map(_metadata_parts, airflow) if parts), None)
     for name, svc in services.items():
         env = _environment(svc)
         if svc.get("build") or "AIRFLOW__CORE__EXECUTOR" in env:
@@ -552,7 +622,11 @@ def compose_proven_problems(compose: Mapping[str, Any]) -> list[str]:
             problems += proven_worker_problems(f"docker-compose.yml service {name}", svc.get("command"))
         image = str(svc.get("image") or "")
         if image.split(":")[0].endswith("label-studio"):
-            problems += proven_labelstudio_problems(f"docker-compose.yml service {name}", env, services)
+            problems += proven_labelstudio_problems(f"docker-compose.yml service {name}", env, services, metadata,
+                                                    compose_dir)
+        if _server_of(image):
+            problems += tag_version_problems(f"docker-compose.yml service {name} image {image!r}", _server_of(image),
+                                             _tag(image))
     return problems
 
 
@@ -586,6 +660,18 @@ def helm_proven_problems(values: Mapping[str, Any]) -> list[str]:
         problems.append(f"{where}: workers.args is not set: name the tested worker command")
     if "worker_concurrency" not in ((values.get("config") or {}).get("celery") or {}):
         problems.append(f"{where}: config.celery.worker_concurrency is not set (the tested stack sets it)")
+    # The chart's bundled servers run the tested versions (its defaults are other ones: pin them).
+    pg, redis = values.get("postgresql") or {}, values.get("redis") or {}
+    for enabled, key, server, image in (
+            (pg.get("enabled", True), "postgresql.image", "postgres", pg.get("image") or {}),
+            (redis.get("enabled", True), "images.redis", "redis", (values.get("images") or {}).get("redis") or {})):
+        if not enabled:
+            continue
+        if not image.get("tag"):
+            problems.append(f"{where}: {key}.tag is not set: pin the chart's {_SERVER_NAMES[server]} to the tested "
+                            "version")
+        else:
+            problems += tag_version_problems(f"{where} {key}", server, str(image["tag"]))
     return problems
 
 
@@ -628,7 +714,7 @@ def check_deploy(repo: Path = REPO, deploy: Path | None = None, *, chart_values:
     values = load_yaml(deploy / "helm" / "values.yaml")
     problems += helm_problems(values, chart=chart_values or CHART_KEYS,
                               airflow_pin=airflow_pin, dags_target=dags_target, airflow_opts=airflow_opts)
-    problems += compose_proven_problems(load_yaml(compose_path))
+    problems += compose_proven_problems(load_yaml(compose_path), deploy)
     problems += helm_proven_problems(values)
     return problems
 

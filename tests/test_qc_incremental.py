@@ -363,6 +363,10 @@ def test_block_with_earlier_rows_equals_coding_them_apart():
         ref = Block.from_votes(t, codes, extra)
         ref_old = Block.from_votes(t, codes, ref.pairs, keep_rows=earlier)
         assert block.pairs.equals(ref.pairs)
+        union = pd.concat([t.select(["wnid", "image_id"]).to_pandas(), extra]).drop_duplicates()
+        assert block.pairs.values.tolist() == union.sort_values(["wnid", "image_id"]).values.tolist()
+        assert (block.pairs.iloc[block.task]["image_id"].to_numpy() ==
+                np.array([f"i{k % 40:03d}" for k in block.annotation_id])).all()
         assert old.pairs.astype(str).values.tolist() == ref_old.pairs.astype(str).values.tolist()
         for a, b in ((block, ref), (old, ref_old)):
             for col in ("task", "worker", "label", "annotation_id", "submitted_at"):

@@ -67,7 +67,7 @@ class Sources:
             setattr(self, name, _sorted(frame))
 
     def wnids(self) -> set[str]:
-        return set().union(*(set(getattr(self, n)["wnid"]) for n in self.NAMES if n != "controls"))
+        return set().union(*(set(pd.unique(getattr(self, n)["wnid"])) for n in self.NAMES if n != "controls"))
 
     def restrict(self, wnids: list[str] | set[str]) -> Sources:
         """The rows of these synsets (a sorted, contiguous range is cut by binary search)."""
@@ -453,7 +453,7 @@ def _fit_to_team(labels: pd.DataFrame, plan: pd.DataFrame, block: Block, ctx: Co
 
 def _synset_rows(labels: pd.DataFrame, plan: pd.DataFrame, state: pd.DataFrame, team: pd.DataFrame, round_: int
                  ) -> pd.DataFrame:
-    wnids = pd.Index(sorted(set(state["wnid"])), name="wnid")
+    wnids = pd.Index(sorted(pd.unique(state["wnid"])), name="wnid")
     if not len(wnids):
         return pd.DataFrame(columns=SYNSET_COLUMNS)
     prec = group_precision(labels.rename(columns={"wnid": "group", "confidence": "p_yes"})).rename(

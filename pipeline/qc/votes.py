@@ -90,6 +90,23 @@ def _keep_latest(group: np.ndarray, *order_keys: np.ndarray) -> np.ndarray:
     return keep
 
 
+def _pair_union(voted: pd.DataFrame, extra: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+    """The distinct pairs of `voted` and `extra` (wnid, image_id), sorted by (wnid, image_id), and each `voted`
+    row's position among them: strings ranked through Arrow dictionaries, pairs deduplicated as int64 keys (pandas'
+    drop_duplicates and MultiIndex on a million string pairs cost seconds)."""
+    def strings(col: str) -> pa.Array:
+        return pa.concat_arrays([pa.array(voted[col].to_numpy(dtype=object), pa.string()),
+                                 pa.array(extra[col].astype(str).to_numpy(dtype=object), pa.string())])
+
+    w_rank, w_vals = _dict_ranks(strings("wnid"))
+    i_rank, i_vals = _dict_ranks(strings("image_id"))
+    n_img = max(len(i_vals), 1)
+    keys, inverse = np.unique(w_rank * n_img + i_rank, return_inverse=True)
+    pairs = pd.DataFrame({"wnid": w_vals.take(pa.array(keys // n_img)).to_numpy(zero_copy_only=False),
+                          "image_id": i_vals.take(pa.array(keys % n_img)).to_numpy(zero_copy_only=False)})
+    return pairs, inverse[:len(voted)].astype(np.int64)
+
+
 @dataclass
 class _Coded:
     """Votes cleaned and coded once. Per row: `label` (1 = yes), `pair_key` (synset rank x images + image rank, so
@@ -161,12 +178,7 @@ class _Coded:
         key_task = np.arange(len(voted_key), dtype=np.int64)
         pairs = voted
         if extra_pairs is not None and len(extra_pairs):
-            extra = extra_pairs[PAIR].astype(str)
-            pairs = pd.concat([voted, extra], ignore_index=True).drop_duplicates(PAIR)
-            pairs = pairs.sort_values(PAIR, kind="stable").reset_index(drop=True)
-            if len(voted):
-                key_task = np.asarray(pd.MultiIndex.from_frame(pairs).get_indexer(pd.MultiIndex.from_frame(voted)),
-                                      dtype=np.int64)
+            pairs, key_task = _pair_union(voted, extra_pairs)
         block = Block(pairs=pairs.reset_index(drop=True), task=key_task[voted_inv].astype(np.int64),
                       worker=self.w_global[self.w_local[idx]], label=self.label[idx], annotation_id=self.aid[idx],
                       submitted_at=self.sub[idx], last_vote=self.last_vote(rows))

@@ -265,6 +265,7 @@ def step_round(cfg: dict, root: Path) -> dict:
     plan = store.read_table("push_plan", columns=["n_more"], filter=[("n_more", ">", 0)])
     return {"seconds": seconds, "append_seconds": t_append, "qc_seconds": seconds - t_append,
             "votes_appended": added.num_rows, "mode": r["mode"], "synsets": r["synsets"], "reason": r["reason"],
+            "pairs_redecided": r.get("pairs"),
             "plan_pairs_after": plan.num_rows, **info}
 
 
@@ -474,7 +475,7 @@ def table(rows: list[dict]) -> str:
         elif step == "round":
             note = (f"mode {first.get('mode')}, {first.get('votes_appended', 0):,} votes on "
                     f"{first.get('pairs_answered', 0):,} pairs of {first.get('synsets_answered')} synsets; "
-                    f"re-decided {first.get('synsets')} synsets; append median "
+                    f"re-decided {first.get('pairs_redecided') or 0:,} pairs of {first.get('synsets')} synsets; append median "
                     f"{median([r['append_seconds'] for r in ok]) if ok else float('nan'):.2f} s, run_qc median "
                     f"{median([r['qc_seconds'] for r in ok]) if ok else float('nan'):.2f} s")
         elif step == "append":

@@ -145,6 +145,34 @@ def test_incremental_rounds_agree_with_a_full_refit(tmp_path, seed):
     assert (m["status_inc"] != "pending").mean() > 0.8  # the crowd did decide most pairs
 
 
+def test_a_round_re_decides_only_the_pairs_that_changed(tmp_path):
+    """New votes on a few pairs of big synsets: the round re-decides those pairs and the watched ones, not whole
+    synsets; every other pair keeps its labels row as it was, and the result agrees with a full refit."""
+    store, crowd, settings = grown_world(tmp_path, 5, n_done=12, n_images=80)
+    before = store.read_table("labels").to_pandas()
+    rng = np.random.default_rng(7)
+    hit = before.iloc[rng.choice(len(before), 24, replace=False)][["image_id", "wnid"]]
+    assert crowd.answer(hit.assign(n_more=1)) == 24
+    s = run_qc(store, settings, refit_growth=None)
+    r = s["qc_round"]
+    assert r["mode"] == "incremental"
+    in_round = before[before["wnid"].isin(set(hit["wnid"]))]
+    assert 24 <= r["pairs"] < len(in_round) / 2, (r, len(in_round))
+    after = store.read_table("labels").to_pandas()
+    key = ["wnid", "image_id"]
+    m = before.merge(after, on=key, suffixes=("_b", "_a"))
+    assert len(m) == len(before) == len(after)
+    changed = m[(m["n_votes_b"] != m["n_votes_a"]) | (m["confidence_b"] != m["confidence_a"])]
+    assert set(map(tuple, hit[key].to_numpy())) <= set(map(tuple, changed[key].to_numpy()))
+    assert len(changed) <= r["pairs"]  # nothing outside the re-decided pairs moved
+    full = full_refit_of(store, tmp_path, settings).read_table("labels").to_pandas()
+    both = after.merge(full, on=key, suffixes=("_inc", "_full"))
+    differ = both[both["status_inc"] != both["status_full"]]
+    gap = np.minimum(abs(differ["confidence_full"] - settings.qc.accept_at),
+                     abs(differ["confidence_full"] - settings.qc.reject_at))
+    assert len(differ) <= 0.001 * len(both) and (gap <= 0.01).all(), differ
+
+
 def test_a_round_with_no_new_votes_changes_nothing(tmp_path):
     store, crowd, settings = grown_world(tmp_path, 3, n_done=8, n_images=20)
     crowd.add_images(wnid(0), 10)

@@ -302,6 +302,7 @@ class Decided:
     synsets: pd.DataFrame
     team: dict[str, int]
     margin: pa.Table
+    team_per_wnid: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["wnid"]))
 
 
 def decide_block(block: Block, flags: Flags, fit: Any, ctx: Context, sl: slice = slice(None)) -> Decided:
@@ -341,8 +342,8 @@ def decide_block(block: Block, flags: Flags, fit: Any, ctx: Context, sl: slice =
                          "confidence": dec["p_yes"].to_numpy(np.float64)[asks]}, columns=PLAN_COLUMNS)
     labels, plan, team = _fit_to_team(labels, plan, block, ctx)
     margin = _margin_rows(block, labels, dec_rows[keep], arr, ctx)
-    return Decided(labels, plan, state, _synset_rows(labels, plan, state, team["per_wnid"], ctx.round), team["totals"],
-                   margin)
+    return Decided(labels, plan, state, synset_rows(labels, plan, state, team["per_wnid"], ctx.round), team["totals"],
+                   margin, team["per_wnid"])
 
 
 # ----- the watch: pairs near a threshold, re-scored every round ------------------------------------------------
@@ -451,7 +452,7 @@ def _fit_to_team(labels: pd.DataFrame, plan: pd.DataFrame, block: Block, ctx: Co
     return labels, plan, {"per_wnid": per, "totals": totals}
 
 
-def _synset_rows(labels: pd.DataFrame, plan: pd.DataFrame, state: pd.DataFrame, team: pd.DataFrame, round_: int
+def synset_rows(labels: pd.DataFrame, plan: pd.DataFrame, state: pd.DataFrame, team: pd.DataFrame, round_: int
                  ) -> pd.DataFrame:
     wnids = pd.Index(sorted(pd.unique(state["wnid"])), name="wnid")
     if not len(wnids):

@@ -33,12 +33,16 @@ tasks, image_links and gold it read: the watermark). A round is
 
 - **incremental** (the crowd loop): the synsets that changed since the watermark are re-decided: new votes (the
   votes table's commits since the version QC last read, `Store.read_changes`), new gold tasks, ingest links or
-  controls added or dropped, new pairs pushed or given with `--pairs`. Their votes are read with a wnid filter,
-  what they gave the worker model last time is taken out and the new contribution put in (warm-starting from
-  `qc_workers`: `pipeline.qc.engine`), and their rows of labels, push_plan and qc_pairs are replaced
-  (`Store.replace_rows`: only the data files holding those synsets are rewritten). workers, qc_workers and
-  qc_synsets are rewritten (one row per worker or synset). The other synsets keep their labels until they get
-  votes or the next full refit;
+  controls added or dropped, new pairs pushed or given with `--pairs`. Their votes are read with a wnid filter.
+  With a pairwise method (adaptive-ds, ds, mv; no `budget_per_synset`) and a team of at least
+  `max_votes_per_image` annotators, only the pairs that changed (new votes, gold or pushed tasks, asked by hand)
+  and the watched pairs (`qc_margin`: near a threshold) are re-decided; a synset whose links or controls changed,
+  one a round left unfinished, or one decided with a small team is re-decided whole. What those pairs gave the
+  worker model last time is taken out and the new contribution put in (warm-starting from `qc_workers`:
+  `pipeline.qc.engine`), and the synsets' rows of labels, push_plan, qc_pairs and qc_margin are replaced, the
+  pairs not re-decided copied as they were (`Store.replace_rows`: only the data files holding those synsets are
+  rewritten). workers, qc_workers and qc_synsets are rewritten (one row per worker or synset). The other
+  synsets keep their labels until they get votes or the next full refit;
 - **full** (`synsetforge qc --full`, the maintenance DAG, the first round, a change of qc settings or method,
   votes doubled since the last full refit (`REFIT_GROWTH`), or QC tables written outside a round): every synset.
   The votes are read in batches of whole synsets (about `BATCH_VOTES` each), cleaned and integer-coded batch by
@@ -73,7 +77,10 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 from pipeline.qc.adaptive import AdaptiveConsensus
 from pipeline.qc.base import NO, YES, Aggregator, QCInputError, task_key
 from pipeline.qc.decide import (
+    LABEL_COLUMNS,
+    MARGIN_SCHEMA,
     NO_GOLD_NOTE,
+    PLAN_COLUMNS,
     STATE_COLUMNS,
     SYNSET_COLUMNS,
     Calibration,
@@ -88,6 +95,7 @@ from pipeline.qc.decide import (
     gold_frame,
     rescore,
     summary_of,
+    synset_rows,
     team_for,
 )
 from pipeline.qc.engine import Chunks, Params, SpilledChunks, Totals, block_totals, fit_model
@@ -354,6 +362,7 @@ class Changes:
     links: pd.DataFrame | None = None
     controls: pd.DataFrame = field(default_factory=empty_pairs)
     why: dict[str, int] = field(default_factory=dict)
+    whole: set[str] = field(default_factory=set)  # synsets whose links or controls changed: every pair re-decided
 
 
 def _changes(store: Any, last: Round, versions: dict[str, int], asked: pd.DataFrame) -> Changes | None:
@@ -379,12 +388,16 @@ def _changes(store: Any, last: Round, versions: dict[str, int], asked: pd.DataFr
     try:
         if versions["links_version"] != last.links_version:
             out.links = _links(store)
-            new = _diff_wnids(_links(store, int(last.links_version)), out.links) - out.synsets
+            changed = _diff_wnids(_links(store, int(last.links_version)), out.links)
+            out.whole |= changed
+            new = changed - out.synsets
             out.why["ingest links added or dropped"] = len(new)
             out.synsets |= new
         out.controls = _controls(store)
         if versions["gold_version"] != last.gold_version:
-            new = _diff_wnids(_controls(store, int(last.gold_version)), out.controls) - out.synsets
+            changed = _diff_wnids(_controls(store, int(last.gold_version)), out.controls)
+            out.whole |= changed
+            new = changed - out.synsets
             out.why["controls added or dropped"] = len(new)
             out.synsets |= new
     except KeyError:  # MissingKey: the version the last round read was vacuumed
@@ -497,6 +510,7 @@ def run_qc(store: Any, settings: Any, pairs: pd.DataFrame | None = None, method:
         return _full_round(store, settings, method, digest, asked, last, number, versions, reason, t0, spill_dir)
     assert last is not None and changes is not None
     synsets = set(changes.synsets) | set(pending.synset_list if pending is not None else [])
+    changes.whole |= set(pending.synset_list if pending is not None else [])  # an unfinished round: all again
     if not synsets:
         return _unchanged_round(store, settings, method, digest, last, number, versions, changes, t0)
     why = ", ".join(f"{v} synset(s) with {k}" for k, v in changes.why.items() if v)
@@ -562,6 +576,7 @@ class _Incremental:
     workers: pd.DataFrame
     team: Team
     calibration: Calibration
+    pairs: int = 0  # pairs re-decided (the others of these synsets kept their rows)
 
 
 def _votes_of(store: Any, synsets: list[str], read: dict[str, Any]) -> pa.Table:
@@ -582,14 +597,92 @@ def _votes_of(store: Any, synsets: list[str], read: dict[str, Any]) -> pa.Table:
     return votes
 
 
+# methods whose decision of a pair depends only on its own votes and the crowd-wide model: a round may re-decide
+# just the pairs that changed (and the watched ones) in a synset; confidence-table's per-synset table and a
+# per-synset vote budget need the whole synset
+PAIRWISE_METHODS = ("adaptive-ds", "ds", "mv")
+TEAM_COUNTS = ["needs_new_annotator", "small_team_accepted", "small_team_rejected", "team_capped_votes"]
+
+
+def _pairwise_ok(settings: Any, method: str) -> bool:
+    return method in PAIRWISE_METHODS and settings.qc.budget_per_synset is None
+
+
+def _margin_of(store: Any, last: Round, read: dict[str, Any]) -> pa.Table | None:
+    """qc_margin as the last done round left it (read once per round)."""
+    if "margin" not in read:
+        read["margin"] = (store.read_table("qc_margin", missing_ok=True, version=int(last.margin_version))
+                          if int(last.margin_version) >= 0 else None)
+    return read["margin"]
+
+
+def _images_to_redecide(store: Any, last: Round, changes: Changes, asked: pd.DataFrame, synsets: list[str],
+                        read: dict[str, Any]) -> np.ndarray:
+    """The images whose pairs in `synsets` a pairwise round re-decides: those with new votes, new gold or pushed
+    tasks or asked by hand, and the watched ones (near a threshold when last decided, so the updated model may
+    move them). Every other pair of those synsets keeps its rows: its votes did not change, and a model change
+    that could move it would first have put it near a threshold."""
+    in_s = lambda f: f.loc[f["wnid"].isin(synsets), "image_id"]  # noqa: E731
+    parts = [in_s(changes.new_votes) if len(changes.new_votes) else pd.Series(dtype=object),
+             in_s(changes.gold), in_s(changes.tasked), in_s(asked)]
+    margin = _margin_of(store, last, read)
+    if margin is not None and margin.num_rows:
+        inside = pa.compute.is_in(margin.column("wnid"), value_set=pa.array(synsets, pa.string()))
+        parts.append(pd.Series(margin.column("image_id").filter(inside).to_numpy(zero_copy_only=False)))
+    return np.asarray(pd.unique(pd.concat(parts, ignore_index=True).astype(str)), dtype=object)
+
+
+def _chosen(wnid: Any, image: Any, whole: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """Rows re-decided: every row of the `whole` synsets, and the rows of `images` (a pair is named by its image:
+    another synset's pair of such an image is re-decided too, which changes nothing). Columns as Arrow arrays or
+    pandas Series (hashed membership tests: numpy's isin on strings sorts)."""
+    def member(col: Any, values: np.ndarray) -> np.ndarray:
+        if not len(values):
+            return np.zeros(len(col), dtype=bool)
+        if isinstance(col, pa.ChunkedArray | pa.Array):
+            return pa.compute.is_in(col, value_set=pa.array(values, pa.string())).to_numpy(zero_copy_only=False)
+        return pd.Series(col).isin(values).to_numpy()
+
+    return member(wnid, whole) | member(image, images)
+
+
+def _restrict_pairs(frame: pd.DataFrame, whole: np.ndarray, images: np.ndarray) -> pd.DataFrame:
+    return frame[_chosen(frame["wnid"], frame["image_id"], whole, images)] if len(frame) else frame
+
+
+def _merged(old: pd.DataFrame, new: pd.DataFrame, whole: np.ndarray, images: np.ndarray) -> pd.DataFrame:
+    """A synsets' rows after a pairwise round: the old rows not re-decided, then the new ones, in pair order."""
+    keep = old[~_chosen(old["wnid"], old["image_id"], whole, images)] if len(old) else old
+    out = pd.concat([keep, new], ignore_index=True) if len(keep) else new
+    return out.sort_values(PAIR, kind="stable").reset_index(drop=True)
+
+
 def _redecide(store: Any, settings: Any, method: str, asked: pd.DataFrame, last: Round, number: int,
-              changes: Changes, synsets: list[str], read: dict[str, Any] | None = None) -> _Incremental | None:
+              changes: Changes, synsets: list[str], read: dict[str, Any] | None = None,
+              whole: set[str] | frozenset[str] = frozenset()) -> _Incremental | None:
     """Re-decide `synsets` against the rest of the crowd as the last done round left it; None when qc_pairs does
-    not match the votes (then only a full refit can be trusted). `read`: votes already read this round."""
+    not match the votes (then only a full refit can be trusted). `read`: what this round already read. With a
+    pairwise method, only the pairs `_images_to_redecide` names are re-decided in the synsets outside `whole`
+    (the others keep their rows); in `whole` (links or controls changed, a round left unfinished, a team too
+    small to take for granted) every pair is."""
     qc = settings.qc
     params = params_from_settings(qc)
+    read = {} if read is None else read
     flt = [("wnid", "in", synsets)]
-    votes = _votes_of(store, synsets, {} if read is None else read)
+    votes = _votes_of(store, synsets, read)
+    state = _read(store, "qc_pairs", STATE_COLUMNS, version=int(last.pairs_version), filter=flt)
+    before = _read(store, "qc_synsets", SYNSET_COLUMNS, version=int(last.synsets_version))
+    if _pairwise_ok(settings, method) and not set(synsets) <= set(whole):
+        # a synset decided with a small team may hold small-team labels a grown team reopens: all of it again
+        had_team = before.loc[before["wnid"].isin(synsets) & (before[TEAM_COUNTS].sum(axis=1) > 0), "wnid"]
+        whole_arr = np.array(sorted(set(whole) | set(had_team)), dtype=object)
+        images = _images_to_redecide(store, last, changes, asked, synsets, read)
+        rows = _chosen(votes.column("wnid"), votes.column("image_id"), whole_arr, images)
+        votes = votes.filter(pa.array(rows))
+        state_all = state
+        state = _restrict_pairs(state, whole_arr, images).reset_index(drop=True)
+    else:
+        whole_arr, images, state_all = np.array(sorted(synsets), dtype=object), np.zeros(0, dtype=object), state
     nv = changes.new_votes
     is_new = np.zeros(votes.num_rows, dtype=bool)
     if len(nv) and votes.num_rows:  # a row's key: annotation, image and submitted_at (an edit is a new row)
@@ -602,20 +695,18 @@ def _redecide(store: Any, settings: Any, method: str, asked: pd.DataFrame, last:
             is_new[maybe] = pd.MultiIndex.from_arrays([sub.column("annotation_id").to_numpy(),
                                                        sub.column("image_id").to_numpy(zero_copy_only=False),
                                                        _micros(sub.column("submitted_at"))]).isin(have)
-    state = _read(store, "qc_pairs", STATE_COLUMNS, version=int(last.pairs_version), filter=flt)
     codes, totals_v, keep_v, last_vote = _state_of(store, last)
-    in_s = lambda f: f[f["wnid"].isin(synsets)]  # noqa: E731
+    pick = lambda f: _restrict_pairs(f[f["wnid"].isin(synsets)], whole_arr, images)  # noqa: E731
     old_gold = state.loc[state["gold_answer"].notna(), [*PAIR, "gold_answer"]]
-    sources = Sources(gold=pd.concat([old_gold, in_s(changes.gold)], ignore_index=True),
-                      tasked=pd.concat([state.loc[state["tasked"], PAIR], in_s(changes.tasked)], ignore_index=True),
-                      linked=in_s(changes.links) if changes.links is not None else state.loc[state["linked"], PAIR],
-                      asked=pd.concat([state.loc[state["asked"], PAIR], in_s(asked)], ignore_index=True),
-                      controls=in_s(changes.controls))
-    # and what these synsets gave the model last time: their old votes (with the posteriors qc_pairs kept)
+    sources = Sources(gold=pd.concat([old_gold, pick(changes.gold)], ignore_index=True),
+                      tasked=pd.concat([state.loc[state["tasked"], PAIR], pick(changes.tasked)], ignore_index=True),
+                      linked=pick(changes.links) if changes.links is not None else state.loc[state["linked"], PAIR],
+                      asked=pd.concat([state.loc[state["asked"], PAIR], pick(asked)], ignore_index=True),
+                      controls=pick(changes.controls))
+    # the block, and what these pairs gave the model last time: their old votes (with the posteriors qc_pairs kept)
     block, old = Block.with_earlier(votes, codes, sources.pairs(), ~is_new)
     flags = flags_of(block.pairs, sources)
     n_workers = len(codes)
-
     pos = pd.MultiIndex.from_frame(state[PAIR]).get_indexer(pd.MultiIndex.from_frame(block.pairs[PAIR])) if len(state) \
         else np.full(block.n_tasks, -1)
     found = pos >= 0
@@ -640,12 +731,38 @@ def _redecide(store: Any, settings: Any, method: str, asked: pd.DataFrame, last:
     workers = _workers_table(fit)
     last_vote = _merge_last_vote(np.concatenate([last_vote, np.full(n_workers - len(last_vote), NEVER)]), block)
     team, team_qc = team_for(codes.names, last_vote, workers, qc)
+    if len(images) and team.known and len(team.members) < qc.max_votes_per_image:
+        # a team this small may cap or decide pairs by who is left to ask: every pair of these synsets again
+        return _redecide(store, settings, method, asked, last, number, changes, synsets, read, whole=set(synsets))
     calibration = Calibration.from_json(last.calibration).combine(
         Calibration.of(take("n_ok_yes", 0).astype(np.int64), n_ok_old, old_gold, qc.max_votes_per_image), -1.0
     ).combine(Calibration.of(fit.n_ok_yes, fit.n_ok, flags.gold, qc.max_votes_per_image), 1.0)
     ctx = Context(method, params, qc, fit.step, fit.prior_yes, workers, codes.names, team, team_qc, calibration, number)
-    return _Incremental(synsets, decide_block(block, flags, fit, ctx), fit, codes, last_vote, workers, team,
-                        calibration)
+    decided = decide_block(block, flags, fit, ctx)
+    if len(images):
+        decided = _merge_decided(store, last, read, synsets, decided, state_all, whole_arr, images, number)
+    return _Incremental(synsets, decided, fit, codes, last_vote, workers, team, calibration, block.n_tasks)
+
+
+def _merge_decided(store: Any, last: Round, read: dict[str, Any], synsets: list[str], d: Decided,
+                   state: pd.DataFrame, whole: np.ndarray, images: np.ndarray, number: int) -> Decided:
+    """The synsets' whole rows after a pairwise re-decision: the re-decided pairs' new rows over the old rows."""
+    flt = [("wnid", "in", synsets)]
+    labels = _merged(_read(store, "labels", LABEL_COLUMNS, version=int(last.labels_version), filter=flt),
+                     d.labels, whole, images)[LABEL_COLUMNS]
+    plan = _merged(_read(store, "push_plan", PLAN_COLUMNS, version=int(last.push_plan_version), filter=flt),
+                   d.plan, whole, images)[PLAN_COLUMNS]
+    state = _merged(state, d.state, whole, images)[STATE_COLUMNS]
+    margin_old = _margin_of(store, last, read)
+    if margin_old is not None and margin_old.num_rows:
+        margin_old = margin_old.filter(pa.compute.is_in(margin_old.column("wnid"), value_set=pa.array(synsets, pa.string())))
+        keep = ~_chosen(margin_old.column("wnid"), margin_old.column("image_id"), whole, images)
+        margin = pa.concat_tables([margin_old.filter(pa.array(keep)).cast(MARGIN_SCHEMA), d.margin])
+    else:
+        margin = d.margin
+    margin = margin.sort_by([("wnid", "ascending"), ("image_id", "ascending")])
+    synsets_rows = synset_rows(labels, plan, state, d.team_per_wnid, number)
+    return Decided(labels, plan, state, synsets_rows, d.team, margin, d.team_per_wnid)
 
 
 def _micros(column: Any) -> np.ndarray:
@@ -655,11 +772,10 @@ def _micros(column: Any) -> np.ndarray:
     return pa.compute.cast(column, pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy()
 
 
-def _watch(store: Any, last: Round, done: _Incremental, settings: Any, method: str) -> set[str]:
+def _watch(store: Any, last: Round, done: _Incremental, settings: Any, method: str, read: dict[str, Any]) -> set[str]:
     """Synsets outside the round whose watched pairs (near a threshold when last decided) would now change status
     under the worker model the round just updated."""
-    margin = store.read_table("qc_margin", missing_ok=True, version=int(last.margin_version)) \
-        if int(last.margin_version) >= 0 else None
+    margin = _margin_of(store, last, read)
     if margin is None or not margin.num_rows:
         return set()
     wnids = margin.column("wnid").to_numpy(zero_copy_only=False)
@@ -677,10 +793,11 @@ def _incremental_round(store: Any, settings: Any, method: str, digest: str, aske
                        t0: float) -> dict[str, Any]:
     qc = settings.qc
     read: dict[str, Any] = {}
-    done = _redecide(store, settings, method, asked, last, number, changes, synsets, read)
+    whole = changes.whole
+    done = _redecide(store, settings, method, asked, last, number, changes, synsets, read, whole)
     if done is not None:
         # the model moved: synsets nobody voted on whose pairs near a threshold would now be decided otherwise
-        moved = _watch(store, last, done, settings, method)
+        moved = _watch(store, last, done, settings, method, read)
         if moved:
             budget = max(1, int(WATCH_SHARE * len(synsets)))
             take = sorted(moved)[:budget]
@@ -688,7 +805,7 @@ def _incremental_round(store: Any, settings: Any, method: str, digest: str, aske
             if len(moved) > len(take):
                 why += f" ({len(moved) - len(take)} more next round)"
             synsets = sorted(set(synsets) | set(take))
-            done = _redecide(store, settings, method, asked, last, number, changes, synsets, read)
+            done = _redecide(store, settings, method, asked, last, number, changes, synsets, read, whole)
     if done is None:
         return _full_round(store, settings, method, digest, asked, last, number, versions,
                            "qc_pairs does not match the votes it was computed from", t0, None)
@@ -708,7 +825,8 @@ def _incremental_round(store: Any, settings: Any, method: str, digest: str, aske
     row["votes_at_full"] = int(last.votes_at_full)
     row["seconds"] = time.perf_counter() - t0
     _append_round(store, row)
-    info = {"mode": "incremental", "round": number, "reason": why, "synsets": len(synsets), "seconds": row["seconds"]}
+    info = {"mode": "incremental", "round": number, "reason": why, "synsets": len(synsets), "pairs": done.pairs,
+            "seconds": row["seconds"]}
     return _summary(store, synset_rows, done.workers, done.team, qc, len(changes.controls), method, info)
 
 

@@ -59,6 +59,10 @@ class CrowdError(ServiceError):
     what to do. `status` is the HTTP status of the last answer (None: no answer or an unreadable one)."""
 
 
+class ProtectedAccount(CrowdError):
+    """The account is an administrator (staff or superuser) or the token's own: the client never deactivates it."""
+
+
 class MalformedAnswer(ValueError):
     """A 2xx answer whose body is not what the endpoint returns (truncated JSON, wrong shape): retried."""
 
@@ -449,8 +453,8 @@ class AdminSite:
         """Set an account's Active flag; True if it changed. Never touches an administrator or the token's account."""
         path, form = self._user_form(user_id)
         if int(self.me.get("id", -1)) == user_id or form.checkboxes.get("is_staff") or form.checkboxes.get("is_superuser"):
-            raise CrowdError(f"account {user_id} is an administrator (or the token's own account): not changed",
-                             status=None, transient=False)
+            raise ProtectedAccount(f"account {user_id} is an administrator (or the token's own account): not changed",
+                                   status=None, transient=False)
         if form.checkboxes["is_active"] == active:
             return False
         boxes = {**form.checkboxes, "is_active": active}

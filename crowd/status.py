@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from crowd.client import CrowdClient, CrowdError
+from crowd.client import CrowdClient, CrowdError, ProtectedAccount
 from pipeline.errors import UserError
 from pipeline.store import Store
 
@@ -250,11 +250,9 @@ def block_flagged(store: Store, client: CrowdClient, settings: Any) -> dict[str,
             continue
         try:
             client.block_user(uid[w], password=password)
-        except CrowdError as exc:
-            if exc.status is None and "administrator" in str(exc):
-                log.warning("worker %s is flagged (%s) but is an administrator: not blocked", w, todo[w])
-                continue
-            raise
+        except ProtectedAccount:
+            log.warning("worker %s is flagged (%s) but is an administrator: not blocked", w, todo[w])
+            continue
         log.info("blocked worker %s (%s)", w, todo[w])
         newly.append(w)
     return {"flagged": len(reasons), "blocked": newly, "already_blocked": n_already, "no_account": missing,

@@ -209,7 +209,7 @@ class Store(ABC):
     def _open(self, name: str, version: int | None = None) -> Any:
         """The Delta table `name` (at `version`), or None when the store has no Delta log for it."""
         from deltalake import DeltaTable
-        from deltalake.exceptions import TableNotFoundError
+        from deltalake.exceptions import DeltaError, TableNotFoundError
 
         try:
             return DeltaTable(self._delta_uri(table_prefix(_check_name(name))), version=version,
@@ -217,7 +217,10 @@ class Store(ABC):
         except TableNotFoundError:
             return None
         except Exception as exc:  # noqa: BLE001 - delta-rs raises plain DeltaError/OSError for I/O failures
-            if version is not None and "version" in str(exc).lower():
+            # a version is missing when its commit file is (never written, or its log cleaned up); any other
+            # failure, at a version whose commit is there, is the store's (a broken log, I/O)
+            if (version is not None and isinstance(exc, DeltaError)
+                    and not self.exists(f"{table_prefix(name)}_delta_log/{version:020d}.json")):
                 raise MissingKey(f"table {name!r} has no version {version} at {self.url} (vacuumed or never written)") from None
             raise StoreError(f"opening table {name!r} at {self.url} failed: {exc}") from exc
 

@@ -146,3 +146,21 @@ def labelstudio(artifacts_dir):
     from fixtures_labelstudio import start_session_labelstudio
 
     yield from start_session_labelstudio(artifacts_dir)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if more than one session Label Studio was started (see fixtures_labelstudio.SESSION_SERVERS)."""
+    import sys
+
+    servers = getattr(sys.modules.get("fixtures_labelstudio"), "SESSION_SERVERS", [])
+    if len(servers) > 1:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = (f"{len(servers)} session Label Studio servers were started, for {', '.join(servers)}: a module "
+                   "imports the `labelstudio` fixture or starts its own through start_session_labelstudio; "
+                   "conftest.py's fixture is the one a session shares")
+        if reporter is not None:
+            reporter.write("\n")
+            reporter.write_line(f"ERROR: {message}", red=True)
+        else:
+            print(f"ERROR: {message}", file=sys.stderr)

@@ -118,8 +118,16 @@ def write_synsets(store):
     return df
 
 
+# One entry per session server handed out (started or reused). conftest.py's pytest_sessionfinish fails the run when
+# there is more than one: the `labelstudio` fixture imported into a module, or another session fixture calling
+# start_session_labelstudio, would start a server per module. (test_airflow_celery and test_crowd_onboarding start
+# their own on purpose, through crowd.server / `crowd serve`, not through here.)
+SESSION_SERVERS: list[str] = []
+
+
 def start_session_labelstudio(artifacts_dir: Path):
     """The one Label Studio of a test session (conftest's `labelstudio` fixture): yields a handle, then stops it."""
+    SESSION_SERVERS.append(os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0])
     external = os.environ.get("SF_LABELSTUDIO_URL")
     if external:  # reuse a running server (development, or CI with a service container); it is not stopped here
         srv = LabelStudioServer(url=external, token=os.environ["SF_LABELSTUDIO_TOKEN"], username="", password="",

@@ -10,7 +10,7 @@ import pytest
 from conftest import wait_for_text, wait_until
 from fixtures_labelstudio import browser_login, make_images, write_synsets
 
-from crowd.client import CrowdError
+from crowd.client import CrowdError, ProtectedAccount
 from crowd.provision import image_dir_of, provision
 from crowd.pull import accounts, pseudonym, pull
 from crowd.push import push
@@ -135,3 +135,59 @@ def test_blocked_worker_gets_nothing_keeps_its_votes_and_is_let_back_in(labelstu
     assert int(acc.loc[w_spam, "user_id"]) == spammer.user_id
     assert admin.unblock_user(spammer.user_id, password=ls.server.password)
     assert not admin.unblock_user(spammer.user_id, password=ls.server.password)  # already active: no change
+
+
+def _set_staff(admin, user_id: int, password: str, staff: bool) -> None:
+    """Tick or clear an account's Staff status box on Label Studio's admin site, as its administrator would."""
+    site = admin.admin_site(password)
+    path, form = site._user_form(user_id)
+    boxes = {**form.checkboxes, "is_staff": staff}
+    data: dict[str, list[str]] = {}
+    for k, v in [*form.fields, *((k, "on") for k, on in boxes.items() if on), ("_save", "Save")]:
+        data.setdefault(k, []).append(v)
+    csrf = dict(form.fields).get("csrfmiddlewaretoken", "")
+    site._session().post(path, data=data, headers={"X-CSRFToken": csrf, "Referer": f"{admin.url}{path}"})
+    assert site._user_form(user_id)[1].checkboxes["is_staff"] == staff
+
+
+def test_block_flagged_passes_over_a_flagged_administrator_by_the_error_type_not_a_message(labelstudio, monkeypatch):
+    """A flagged account with Staff status is left alone (the client refuses to deactivate an administrator with a
+    ProtectedAccount error); the other flagged account is blocked. Any other refusal is raised, whatever its
+    message says."""
+    if not labelstudio.server.password:
+        pytest.skip("external server: its admin password is not known to the tests")
+    ls, password = labelstudio, labelstudio.server.password
+    store = ls.new_store()
+    settings = ls.settings(store, gold_rate=0.0, admin_password=password)
+    admin = ls.admin()
+    staff, plain = ls.annotators([Profile(), Profile()])
+    w_staff, w_plain = pseudonym(staff.email, KEY), pseudonym(plain.email, KEY)
+    store.write_table("worker_gold", pd.DataFrame({
+        "worker": [w_staff, w_plain], "n_votes": 20, "gold_n": 10, "gold_correct": 4, "gold_accuracy": 0.4,
+        "yes_rate": 1.0, "flagged": True, "flag_reason": "gold accuracy 0.40"}))
+    _set_staff(admin, staff.user_id, password, True)
+    try:
+        with pytest.raises(ProtectedAccount) as refused:
+            admin.block_user(staff.user_id, password=password)
+        assert refused.value.status is None  # no HTTP status: the error's type is what tells
+
+        # a status-less refusal for an account that is no administrator propagates, though its text names one
+        real = admin.block_user
+
+        def refuse_plain(user_id, *, password):
+            if user_id == plain.user_id:
+                raise CrowdError("the admin site did not save the account; ask an administrator", status=None)
+            return real(user_id, password=password)
+
+        monkeypatch.setattr(admin, "block_user", refuse_plain)
+        with pytest.raises(CrowdError, match="ask an administrator"):
+            block_flagged(store, admin, settings)
+        monkeypatch.undo()
+
+        out = block_flagged(store, admin, settings)
+        assert out["blocked"] == [w_plain] and out["no_account"] == []
+        blocked = admin.blocked_user_ids(password=password)
+        assert plain.user_id in blocked and staff.user_id not in blocked
+    finally:
+        _set_staff(admin, staff.user_id, password, False)
+        admin.unblock_user(plain.user_id, password=password)

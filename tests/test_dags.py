@@ -78,3 +78,77 @@ def test_dags_form_one_asset_chain_with_retries_and_light_imports(airflow_db):
              " if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe, str(ROOT / "dags")], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def _crowd_task(task_id: str):
+    """The Python function behind one task of the crowd DAG (its @fail_fast wrapper included), called directly:
+    no scheduler, no Label Studio."""
+    import runpy
+
+    dag = runpy.run_path(str(ROOT / "dags" / "crowd.py"))["synsetforge_crowd"]()
+    return dag.get_task(task_id).python_callable
+
+
+def _no_server(*args, **kwargs):
+    raise AssertionError("block_workers reached Label Studio with crowd.auto_block off")
+
+
+def test_crowd_dag_blocks_no_one_when_auto_block_is_off(monkeypatch, tmp_path):
+    """block_workers with crowd.auto_block off (the default, or the `auto_block` Param set to false over a
+    configuration that has it on) returns at once: no client is made, block_flagged is never called. On, it is."""
+    import crowd.cli
+    import crowd.status
+
+    for name in ("AUTO_BLOCK", "URL", "TOKEN"):
+        monkeypatch.delenv(f"SYNSETFORGE__CROWD__{name}", raising=False)
+    monkeypatch.setattr(crowd.cli, "admin_client", _no_server)
+    monkeypatch.setattr(crowd.status, "block_flagged", _no_server)
+    block_workers = _crowd_task("block_workers")
+    params = {"store": str(tmp_path / "store"), "auto_block": None, "kind": "verify"}
+    off = {"auto_block": False, "blocked": []}
+    assert block_workers({}, params=params) == off  # configuration default: off
+    monkeypatch.setenv("SYNSETFORGE__CROWD__AUTO_BLOCK", "true")
+    assert block_workers({}, params={**params, "auto_block": False}) == off  # the Param turns it off for this run
+
+    calls = []
+    monkeypatch.setattr(crowd.cli, "admin_client", lambda settings: "client")
+    monkeypatch.setattr(crowd.status, "block_flagged",
+                        lambda store, client, settings: calls.append((client, settings.crowd.auto_block)) or {"blocked": []})
+    assert block_workers({}, params=params) == {"blocked": []}  # on by the configuration
+    monkeypatch.delenv("SYNSETFORGE__CROWD__AUTO_BLOCK")
+    assert block_workers({}, params={**params, "auto_block": True}) == {"blocked": []}  # on by the Param
+    assert calls == [("client", True), ("client", True)]
+
+
+def test_crowd_dag_qc_method_param_reaches_run_qc(monkeypatch, tmp_path):
+    """The crowd DAG's aggregate task, run on a store with votes: the `qc_method` Param decides how the votes
+    become labels (recorded in labels.method), and left empty the configured qc.method does."""
+    from datetime import UTC, datetime
+
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.store import LocalStore
+
+    monkeypatch.delenv("SYNSETFORGE__QC__METHOD", raising=False)
+    rng = np.random.default_rng(3)
+    rows = [(t, w, ("yes" if t % 2 else "no") if rng.random() < 0.85 else ("no" if t % 2 else "yes"))
+            for t in range(24) for w in range(5)]
+    votes = pd.DataFrame({"annotation_id": np.arange(1, len(rows) + 1), "task_id": [t for t, _, _ in rows],
+                          "image_id": [f"{t:064x}" for t, _, _ in rows], "wnid": "n02084071",
+                          "worker": [f"w{w}" for _, w, _ in rows], "answer": [a for _, _, a in rows], "is_gold": False,
+                          "lead_time_s": 1.0, "submitted_at": datetime(2026, 1, 1, tzinfo=UTC)})
+    aggregate = _crowd_task("aggregate")
+
+    def method_of_run(param, root):
+        store = LocalStore(root)
+        store.write_table("votes", votes)
+        summary = aggregate({}, params={"store": str(root), "qc_method": param, "kind": "verify"})
+        methods = {m.split("/")[0] for m in store.read_table("labels").column("method").to_pylist()}
+        return summary["method"], methods
+
+    assert method_of_run("mv", tmp_path / "mv") == ("mv", {"mv"})
+    assert method_of_run("confidence-table", tmp_path / "ct") == ("confidence-table", {"confidence-table"})
+    assert method_of_run(None, tmp_path / "default") == ("adaptive-ds", {"adaptive-ds"})  # qc.method's default
+    monkeypatch.setenv("SYNSETFORGE__QC__METHOD", "ds")
+    assert method_of_run(None, tmp_path / "configured") == ("ds", {"ds"})

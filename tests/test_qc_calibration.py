@@ -102,30 +102,51 @@ def test_leave_one_out_posterior_weighs_each_vote_by_the_workers_other_answers()
     np.testing.assert_allclose(leave_one_out_posterior(ds, pseudo), expected, rtol=1e-9)
 
 
+def rounds_of_one_more_vote(truth, order, answers, calibrated: bool) -> AdaptiveConsensus:
+    """Aggregate -> one more vote per pending image, up to 12 rounds, at accept 0.95 / reject 0.05."""
+    n = np.zeros(len(truth), dtype=int)
+    model = AdaptiveConsensus(accept_at=0.95, reject_at=0.05, max_batch=1, calibrated=calibrated)
+    for _ in range(12):
+        model.fit(long_frame(order, answers, n), tasks=range(len(truth)))
+        more = model.decisions_["n_more"].reindex(range(len(truth))).to_numpy()
+        if not more.any():
+            break
+        n += more
+    return model
+
+
+def decided(model: AdaptiveConsensus, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(posterior P(yes), truth) of the images the model decided."""
+    d = model.decisions_.reindex(range(len(truth)))
+    done = d["status"].isin(["accepted", "rejected"]).to_numpy()
+    return d["p_yes"].to_numpy()[done], truth[done]
+
+
 def test_decided_posteriors_are_calibrated_on_a_hard_crowd_unlike_the_fixed_prior():
-    """Rounds of aggregate -> one more vote per pending image, on a hard crowd whose workers have short records
-    (1,000 workers, 1,000 images): with the fixed 0.8 prior the decided images are right far less often than
-    their posteriors claim; the calibrated rule's decided posteriors match what is true."""
+    """Rounds of aggregate -> one more vote per pending image, on hard crowds whose workers have short records
+    (1,000 workers, 1,000 images each): with the fixed 0.8 prior the decided images are right far less often than
+    their posteriors claim; the calibrated rule's decided posteriors match what is true, to the issue's ECE <= 0.02.
+
+    The ECE of about 500 decided images of one crowd is noisy (over 24 seeds, 0.0007 to 0.051; two seeds above
+    0.02), so it is measured on the decided images of four crowds pooled: 0.0028 for seeds 0-3, at most 0.0174 (accuracy
+    at least 95.9 %) for each of the six groups 0-3, 4-7, ..., 20-23."""
+    pooled = []
+    for seed in range(4):
+        truth, order, answers, _ = hard_crowd(1000, 1000, seed=seed)
+        model = rounds_of_one_more_vote(truth, order, answers, calibrated=True)
+        assert model.prior_.source == "crowd"
+        pooled.append(decided(model, truth))
+        assert len(pooled[-1][0]) > 250  # it still decides a good share (420 to 565 of 1,000 here)
+    p, t = np.concatenate([p for p, _ in pooled]), np.concatenate([t for _, t in pooled])
+    ece_new, acc_new = ece(p, t), ((p > 0.5) == t).mean()
+    assert ece_new <= 0.02 and acc_new >= 0.95  # as sure as it says (accept at 0.95): 0.0028, 97.6 % here
+
     truth, order, answers, _ = hard_crowd(1000, 1000, seed=0)
-    result = {}
-    for calibrated in (True, False):
-        n = np.zeros(len(truth), dtype=int)
-        model = AdaptiveConsensus(accept_at=0.95, reject_at=0.05, max_batch=1, calibrated=calibrated)
-        for _ in range(12):
-            model.fit(long_frame(order, answers, n), tasks=range(len(truth)))
-            more = model.decisions_["n_more"].reindex(range(len(truth))).to_numpy()
-            if not more.any():
-                break
-            n += more
-        d = model.decisions_.reindex(range(len(truth)))
-        decided = d["status"].isin(["accepted", "rejected"]).to_numpy()
-        p = d["p_yes"].to_numpy()[decided]
-        result[calibrated] = (ece(p, truth[decided]), ((p > 0.5) == truth[decided]).mean(), decided.sum())
-        assert model.prior_.source == ("crowd" if calibrated else "fixed")
-    (ece_new, acc_new, n_new), (ece_old, acc_old, _) = result[True], result[False]
-    assert n_new > 200  # it still decides a good share
-    assert ece_new < 0.03 and acc_new >= 0.95  # as sure as it says (accept at 0.95)
-    assert ece_old > 0.1 and acc_old < 0.85  # over-promises
+    old = rounds_of_one_more_vote(truth, order, answers, calibrated=False)
+    assert old.prior_.source == "fixed"
+    p_old, t_old = decided(old, truth)
+    ece_old, acc_old = ece(p_old, t_old), ((p_old > 0.5) == t_old).mean()
+    assert ece_old > 0.1 and acc_old < 0.85  # over-promises (0.24 and 74 % here)
     assert ece_old > 5 * ece_new
 
 

@@ -189,31 +189,62 @@ def test_budget_per_group_is_respected():
 
 
 def test_adaptive_stopping_reaches_precision_target_on_seeded_crowd():
-    """Rounds of aggregate -> ask n_more -> aggregate on a seeded crowd with spammers: the accepted set is
-    at least as precise as the threshold promises, and it costs fewer votes than fixed 10."""
-    rng = np.random.default_rng(7)
-    n_tasks, n_workers = 1500, 60
-    truth = rng.integers(0, 2, n_tasks)
-    acc = np.where(rng.random(n_workers) < 0.1, 0.5, rng.beta(8, 2, n_workers))
-    order = np.array([rng.permutation(n_workers)[:10] for _ in range(n_tasks)])
-    answers = np.where(rng.random((n_tasks, 10)) < acc[order], truth[:, None], 1 - truth[:, None])
-    n = np.zeros(n_tasks, dtype=int)
-    model = AdaptiveConsensus(accept_at=0.99, reject_at=0.01, max_votes=10)
-    for _ in range(12):
-        t, k = np.nonzero(np.arange(10)[None, :] < n[:, None])
-        df = pd.DataFrame({"task": t, "worker": order[t, k], "label": np.where(answers[t, k] == 1, "yes", "no")})
-        model.fit(df, tasks=range(n_tasks))
-        more = model.decisions_["n_more"].reindex(range(n_tasks)).to_numpy()
-        if not more.any():
-            break
-        n += more
-    d = model.decisions_.reindex(range(n_tasks))
-    accepted = d["status"].to_numpy() == "accepted"
-    rejected = d["status"].to_numpy() == "rejected"
-    assert accepted.sum() > 0.3 * n_tasks
-    assert truth[accepted].mean() >= 0.99  # precision of the accepted set
-    assert (1 - truth[rejected]).mean() >= 0.99
-    assert n.mean() < 8
+    """Rounds of aggregate -> ask n_more -> aggregate on small seeded crowds with spammers (60 workers, Beta(8, 2),
+    10 % at random): the accepted set is at least as precise as the threshold promises, and it costs well under the
+    fixed 10 votes. One crowd of 60 workers varies a lot (up to 6.8 votes per image over seeds 0-31), so the
+    votes are pooled over four crowds: 5.26 for seeds 4-7, at most 5.92 for each of the groups 0-3, ..., 28-31."""
+    votes = 0
+    for seed in (4, 5, 6, 7):
+        rng = np.random.default_rng(seed)
+        n_tasks, n_workers = 1500, 60
+        truth = rng.integers(0, 2, n_tasks)
+        acc = np.where(rng.random(n_workers) < 0.1, 0.5, rng.beta(8, 2, n_workers))
+        order = np.array([rng.permutation(n_workers)[:10] for _ in range(n_tasks)])
+        answers = np.where(rng.random((n_tasks, 10)) < acc[order], truth[:, None], 1 - truth[:, None])
+        n = np.zeros(n_tasks, dtype=int)
+        model = AdaptiveConsensus(accept_at=0.99, reject_at=0.01, max_votes=10)
+        for _ in range(12):
+            t, k = np.nonzero(np.arange(10)[None, :] < n[:, None])
+            df = pd.DataFrame({"task": t, "worker": order[t, k], "label": np.where(answers[t, k] == 1, "yes", "no")})
+            model.fit(df, tasks=range(n_tasks))
+            more = model.decisions_["n_more"].reindex(range(n_tasks)).to_numpy()
+            if not more.any():
+                break
+            n += more
+        d = model.decisions_.reindex(range(n_tasks))
+        accepted = d["status"].to_numpy() == "accepted"
+        rejected = d["status"].to_numpy() == "rejected"
+        assert accepted.sum() > 0.3 * n_tasks  # 0.41 or more over seeds 0-31
+        assert truth[accepted].mean() >= 0.99  # precision of the accepted set (0.9918 or more over seeds 0-31)
+        assert (1 - truth[rejected]).mean() >= 0.99
+        votes += n.sum()
+    assert votes / (4 * 1500) <= 6.25
+
+
+def test_beta_8_2_crowd_settles_at_about_five_votes_per_image():
+    """The Beta(8, 2) crowd of benchmarks/crowd_cost.py (10 % spammers) at the configuration RESULTS.md records
+    (accept 0.995, blocking flagged workers and those estimated under 0.75, two votes to start, one more per round),
+    at 5,000 tasks and 100 workers instead of 100,000 and 2,000: 99.6 % right at about 5 votes per image, as on the
+    full crowd (99.66 % at 4.98). Per crowd the votes vary (up to 5.39 over seeds 0-31), so four are pooled:
+    99.60 % at 4.997 votes for seeds 0-3; over the groups 0-3, ..., 28-31, 99.59 % or more at 5.17 or fewer."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "crowd_cost.py"
+    spec = importlib.util.spec_from_file_location("crowd_cost", path)
+    crowd_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(crowd_cost)
+    right = votes = 0
+    for seed in range(4):
+        c = crowd_cost.make_crowd(5000, 100, 8, 2, 0.10, seed)
+        model, used, rounds = crowd_cost.run_adaptive(c, True, rules=FlagRules(min_accuracy=0.75), accept_at=0.995,
+                                                      reject_at=0.005, max_batch=1, initial_votes=2)
+        p_yes = model.decisions_["p_yes"].reindex(range(5000)).to_numpy()
+        right += ((p_yes > 0.5).astype(int) == c["truth"]).sum()
+        votes += used.sum()
+        assert set(np.flatnonzero(c["spammer"])) <= set(model.blocked_.astype(int))  # every spammer (seeds 0-31)
+    assert right / 20_000 >= 0.994
+    assert votes / 20_000 <= 5.3
 
 
 def test_flag_rules_need_evidence():

@@ -444,3 +444,37 @@ def test_release_images_schema_is_the_images_schema_plus_attribution():
     assert all(release.field(f.name).type == f.type for f in images)
     assert [n for n in release.names if n not in images.names] == list(ATTRIBUTION_COLUMNS)
     assert not release.field("image_id").nullable and not release.field("first_url").nullable
+
+
+def _pinned_versions_missing_or_broken(store):
+    """A build pins each input table to a version (`_pin`) and reads it there. A version the store does not hold
+    (never written, or its commit gone) is a MissingKey; a version whose commit is there but whose log is broken
+    (here: an earlier commit deleted) is the store failing, a StoreError, not a missing version, although delta-rs
+    words both alike ("... version ...")."""
+    from pipeline.release.build import _Pin, _read_input
+    from pipeline.store import StoreError
+
+    make_fixture(store, n_classes=2, per_class=6, seed=1)
+    synsets = store.read_table("synsets").to_pandas()
+    for _ in range(2):
+        store.write_table("synsets", synsets)
+    last = store.table_version("synsets")
+    assert last >= 2 and _read_input(store, "synsets", source=_Pin(version=last)).num_rows == len(synsets)
+    with pytest.raises(MissingKey, match=f"has no version {last + 5}"):
+        _read_input(store, "synsets", source=_Pin(version=last + 5))  # never written
+    store.delete(f"tables/synsets/_delta_log/{last - 1:020d}.json")
+    with pytest.raises(MissingKey, match=f"has no version {last - 1}"):
+        _read_input(store, "synsets", source=_Pin(version=last - 1))  # its commit is gone
+    with pytest.raises(StoreError, match="opening table 'synsets'") as broken:
+        _read_input(store, "synsets", source=_Pin(version=last))  # there, but the log before it has a gap
+    assert not isinstance(broken.value, MissingKey)
+
+
+def test_a_pinned_version_that_is_gone_is_missing_and_a_broken_log_is_a_store_error(tmp_path):
+    _pinned_versions_missing_or_broken(LocalStore(tmp_path / "store"))
+
+
+@pytest.mark.slow
+def test_pinned_versions_missing_or_broken_on_both_backends(store):
+    """The same on S3 (moto server): the commit file is looked up with the store's own exists()."""
+    _pinned_versions_missing_or_broken(store)

@@ -12,6 +12,13 @@ scoring: a 100,000-image top-5 submission (1,000 classes) validated, scored and 
 over 100,000 images for one entry and a 10-entry board.
 uploads: 50 concurrent uploaders (10 teams of 5) against a real server on loopback, limit 3 per week: every
 answer accounted for, no submission lost, every team at exactly its limit; SQLite and PostgreSQL.
+reference: the paper's reference interval (IJCV 2015 sec. 6.2): 6.66 % top-5 error on the 100,000 test images has
+the 99.9 % bootstrap interval [6.40, 6.92]; ours over 20 seeds with the boards' 1,000 rounds, and with 100,000.
+analysis: per-class scale, instances per image, CPL and their correlations with the accuracy of the top entries
+(sec. 6.3) for a challenge in a store (default: `make demo`'s demo-cls in demo-output/store; the phase is closed
+in a copy, the store itself is not touched), and the CPL of a synthetic world's random boxes.
+
+    .venv/bin/python benchmarks/challenge.py --only reference analysis
 """
 
 from __future__ import annotations
@@ -219,15 +226,89 @@ def run_uploads(postgres: bool) -> list[str]:
     return out
 
 
+def run_reference(seeds: int = 20) -> list[str]:
+    """The paper's 2014 classification winner: 6.66 % top-5 error on 100,000 images, 99.9 % interval [6.40, 6.92]."""
+    from challenge.scoring import Evaluation, bootstrap, interval
+
+    n, wrong = 100_000, 6_660
+    loss = np.zeros(n, dtype=np.uint8)
+    loss[np.random.default_rng(2014).choice(n, wrong, replace=False)] = 1
+    ev = Evaluation("cls", {}, loss=loss, scored=np.ones(n, bool), n=n)
+    everything = np.ones(n, bool)
+    out = ["| rounds | seeds | 99.9 % interval (mean of the ends) | lowest end: min-max | highest end: min-max | "
+           "paper | seconds per interval |", "|---:|---:|---|---|---|---|---:|"]
+    for rounds, k in ((1000, seeds), (100_000, 3)):
+        ends, t = [], time.perf_counter()
+        for seed in range(k):
+            ends.append(interval(bootstrap([ev], everything, rounds, seed=seed)[:, 0], 0.999))
+        secs = (time.perf_counter() - t) / k
+        lo, hi = np.array(ends).T * 100
+        out.append(f"| {rounds:,} | {k} | [{lo.mean():.2f}, {hi.mean():.2f}] | {lo.min():.2f}-{lo.max():.2f} | "
+                   f"{hi.min():.2f}-{hi.max():.2f} | [6.40, 6.92] | {secs:.3f} |")
+    se = np.sqrt(0.0666 * (1 - 0.0666) / n) * 100
+    out.append(f"normal approximation: 6.66 +- 3.29 * {se:.4f} = [{6.66 - 3.29 * se:.2f}, {6.66 + 3.29 * se:.2f}]")
+    return out
+
+
+def run_analysis(store_dir: str, slug: str) -> list[str]:
+    """Scale, instances per image and CPL per class with their correlations, for challenge `slug` in a copy of the
+    store at `store_dir` (its phase closed in the copy), and the CPL of a synthetic world's random boxes."""
+    import shutil
+
+    from challenge.analysis import analysis_for, class_properties
+    from challenge.service import open_service
+
+    out = []
+    src = Path(store_dir)
+    if (src / "challenge" / "challenge.db").exists():
+        copy = Path(tempfile.mkdtemp(prefix="sf-bench-analysis-")) / "store"
+        shutil.copytree(src, copy, ignore=shutil.ignore_patterns("blobs", "tables", "ingest", "collect"))
+        (copy / "blobs").symlink_to(src.resolve() / "blobs")  # read only: the test images' bytes are not needed
+        svc = open_service(str(copy))
+        svc.close(slug)
+        a = analysis_for(svc, slug, plots=False)
+        ch = svc.challenge(slug)
+        out.append(f"{slug} ({ch.release}, {ch.n_test} test images), private board's top entries {a.entries}:")
+        cols = ["wnid", "images", "boxes", "scale", "instances", "cpl", "accuracy"]
+        out.append(a.classes[cols].to_markdown(index=False, floatfmt=".3f"))
+        for k, c in a.correlations.items():
+            out.append(f"accuracy vs {k}: Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f} over "
+                       f"{c['classes']} classes")
+        cpl = a.classes.cpl.to_numpy(dtype=float)
+        out.append(f"CPL mean over classes {np.nanmean(cpl) * 100:.1f} % (PASCAL 8.8 %, ILSVRC-2012 20.8 %)")
+    else:
+        out.append(f"(no challenge database in {store_dir}: run `make demo` first for the demo's figures)")
+    from pipeline.release.build import build_release
+    from pipeline.release.synthetic import make_fixture
+    from pipeline.store import LocalStore
+
+    world = LocalStore(Path(tempfile.mkdtemp(prefix="sf-bench-cpl-")))
+    make_fixture(world, n_classes=20, per_class=30, seed=3, box_fraction=1.0, near_dups_per_class=0)
+    build_release(world, "cpl", val_per_class=2, test_per_class=15, neardup=False, challenge=True)
+    from challenge.truth import load_held_out
+
+    props = class_properties(load_held_out(world, "cpl"))
+    out.append(f"synthetic world (20 classes, {int(props.boxes.sum())} test boxes drawn uniformly at random): CPL "
+               f"mean {props.cpl.mean() * 100:.1f} %, classes {props.cpl.min() * 100:.1f}-{props.cpl.max() * 100:.1f} "
+               f"%; instances per image {props.instances.mean():.2f}; scale {props.scale.mean():.3f}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", nargs="*", choices=["attack", "scoring", "uploads"])
+    p.add_argument("--only", nargs="*", choices=["attack", "scoring", "uploads", "reference", "analysis"])
+    p.add_argument("--store", default=str(ROOT / "demo-output" / "store"), help="analysis: the store to read")
+    p.add_argument("--challenge", default="demo-cls", help="analysis: the challenge to analyse")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--n", type=int, default=4000)
     p.add_argument("--k", type=int, default=400)
     p.add_argument("--no-postgres", action="store_true")
     args = p.parse_args(argv)
-    only = set(args.only or ["attack", "scoring", "uploads"])
+    only = set(args.only or ["attack", "scoring", "uploads", "reference", "analysis"])
+    if "reference" in only:
+        print("\n".join(run_reference()), flush=True)
+    if "analysis" in only:
+        print("\n".join(run_analysis(args.store, args.challenge)), flush=True)
     if "scoring" in only:
         print("\n".join(run_scoring()), flush=True)
     if "attack" in only:

@@ -108,9 +108,15 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         with urllib.request.urlopen(req, timeout=600) as resp:
             out = json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        out = json.loads(exc.read() or b"{}")
+        try:
+            out = json.loads(exc.read() or b"{}")
+        except ValueError:  # not the server's JSON (a proxy's error page, say)
+            out = {}
         problems = "".join(f"\n  {p['kind']} ({p['count']}): {'; '.join(p['examples'])}" for p in out.get("problems", []))
         raise UserError(f"{exc.code}: {out.get('error', exc.reason)}{problems}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"cannot reach the challenge server at {args.server}: {reason}") from None
     print(f"submission {out['id']}: public {out['metric']} {out['score']}"
           + (f" ({'moved' if out['moved'] else 'unchanged: not better by the Ladder test'})" if out.get("ladder") else "")
           + (f"; {out['left']} left in this window" if out.get("left") is not None else ""))

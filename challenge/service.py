@@ -217,7 +217,10 @@ class ChallengeService:
                          title: str | None = None, ladder: bool = False, public_fraction: float = 0.5,
                          final_selections: int = 2, bootstrap_rounds: int = 1000, confidence: float = 0.999,
                          max_upload_bytes: int = 64 << 20, score_decimals: int = 5,
-                         near_identical: float = 0.95) -> Challenge:
+                         near_identical: float = 0.95, partition_salt: str | None = None) -> Challenge:
+        """A challenge on challenge release `release`. `partition_salt` decides which test images score the
+        public board (and seeds the boards' bootstrap); leave it None (a random secret) for a real challenge:
+        whoever knows it can tell the public images from the private ones."""
         if task not in TASKS:
             raise ChallengeError(f"task {task!r}: use one of {', '.join(TASKS)}")
         if not slug or not all(c.isalnum() or c in "-_." for c in slug) or len(slug) > 64:
@@ -229,7 +232,7 @@ class ChallengeService:
         held = self.held_out(release)
         if task in ("loc", "det") and not len(held.boxes):
             raise ChallengeError(f"release {release!r} has no test boxes: only a cls challenge can be run on it")
-        salt = secrets.token_hex(16)
+        salt = secrets.token_hex(16) if partition_salt is None else partition_salt
         partition(held.image_ids, salt, public_fraction)  # checks the fraction
         with write_session(self.engine) as s:
             if s.scalar(select(Challenge.id).where(Challenge.slug == slug)) is not None:

@@ -78,9 +78,11 @@ def load_held_out(store: Store, version: str) -> HeldOut:
     manifest = read_manifest(store, version)
     info = (manifest.get("stats") or {}).get("challenge")
     if not info or "test_images" not in manifest["files"]:
-        raise ChallengeError(f"release {version!r} publishes its test labels; a challenge needs a release built with "
-                             f"`synsetforge release build --challenge --version NEW --parent {version}` (the parent "
-                             "keeps the splits)")
+        raise ChallengeError(f"release {version!r} publishes its test labels, so they cannot be a challenge's hidden "
+                             "test set. A challenge needs a release built with `synsetforge release build --challenge "
+                             "--version NEW` whose test images no release has published: collect new images, then "
+                             f"`--challenge --parent {version} --fresh-test` keeps {version}'s train images, makes its "
+                             "test images val images and draws the test split from the new images only")
     doc = json.loads(_read_checked(store, info["private_manifest"], info["private_manifest_sha256"],
                                    "private manifest"))
     if not info["private_manifest"].startswith(private_release_prefix(version) + "/"):

@@ -374,11 +374,12 @@ def create_app(svc: ChallengeService, *, secure_cookies: bool = False) -> Starle
         ch = await challenge_or_404(request)
         if who is None or who.team_id is None or ch is None:
             return api({"error": "a team token is needed"}, 401)
-        try:
-            ids = json.loads(await _body(request, FORM_OVERHEAD))["ids"]
-            chosen = await run_in_threadpool(svc.select_finals, ch.slug, who.team_id, [int(i) for i in ids])
+        try:  # the body first: ChallengeError is a ValueError too, so the service is called outside this try
+            ids = [int(i) for i in json.loads(await _body(request, FORM_OVERHEAD))["ids"]]
         except (ValueError, KeyError, TypeError, BodyTooLarge):
             return api({"error": 'send {"ids": [submission ids]}'}, 400)
+        try:
+            chosen = await run_in_threadpool(svc.select_finals, ch.slug, who.team_id, ids)
         except Forbidden as exc:
             return api({"error": str(exc)}, 403)
         except ChallengeError as exc:

@@ -402,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.demo_det import det
 
         out["det"] = det(store, settings, server, corpus, links, annotators, workdir)["release"]
-        step("challenge: test labels hidden, an organisers' baseline and one team on a leaderboard with intervals")
+        step("challenge: fresh test images with hidden labels, an organisers' baseline and one team on a "
+             "leaderboard with intervals")
         from challenge.demo import open_demo_challenge
 
         board = open_demo_challenge(store, VERSION, workdir)

@@ -106,7 +106,7 @@ def running(tmp_path, artifacts_dir):
                                          "--db", db, "serve", "--port", str(port)],
                            url=f"http://127.0.0.1:{port}", ready_path="/healthz", log_path=log)
     yield {"url": server.url, "svc": svc, "a": token_a, "b": token_b, "organiser": organiser, "log": log,
-           "held": svc.held_out("w1")}
+           "held": svc.held_out("w1"), "store": str(store_dir)}
     server.stop()
     assert server.process.poll() is not None
 
@@ -165,6 +165,174 @@ def test_every_route_hides_test_labels_and_other_teams_submissions(running):
     # organisers see flags through the API; teams do not
     assert anonymous.get("/api/c/walk/flags", bearer)[0] == 403
     assert anonymous.get("/api/c/walk/flags", {"Authorization": f"Bearer {running['organiser']}"})[0] == 200
+
+
+class Bravo:
+    """Team bravo's perfect submission (the test labels in order) and everything that identifies it."""
+
+    def __init__(self, running):
+        import json
+
+        self.truth = "".join(f"{t}\n" for t in running["held"].truth).encode()
+        status, body = _upload(running["url"], running["b"], self.truth, "bravo-secret-marker")
+        assert status == 201
+        self.id = json.loads(body)["id"]
+        svc = running["svc"]
+        self.sha = svc.team_submissions("walk", svc.team_id("bravo"))[0]["sha256"].encode()
+
+    def check(self, body: bytes, held, what: str) -> None:
+        assert find_test_labels(body, held, what) == [], what
+        assert self.truth not in body and self.sha not in body and b"bravo-secret-marker" not in body, what
+
+
+def _multipart(fields: dict, file: bytes | None = None) -> tuple[bytes, dict]:
+    boundary = "sfboundary"
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
+             for k, v in fields.items()]
+    if file is not None:
+        parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"p.txt\"\r\n"
+                     "Content-Type: text/plain\r\n\r\n".encode() + file + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def _csrf(client: Client) -> str:
+    status, page = client.get("/c/walk/submit")
+    assert status == 200
+    return re.search(rb'name="csrf" value="([^"]+)"', page).group(1).decode()
+
+
+def test_post_answers_and_the_pages_after_the_close_show_no_test_label_nor_another_teams_submission(running):
+    """The route walk above covers GET while the phase is open; this one every POST route's answers (accepted,
+    refused, invalid, over the limit) and, once the phase has closed, every GET route again: the private board and
+    the analysis now show."""
+    import json
+
+    url, held, svc = running["url"], running["held"], running["svc"]
+    bravo = Bravo(running)
+    wrong = "".join(f"{t % 4 + 1}\n" for t in held.truth).encode()
+    status, body = _upload(url, running["a"], wrong, "alpha run")
+    a_id = json.loads(body)["id"]
+    anonymous, alpha = Client(url), Client(url)
+    alpha.sign_in(running["a"])
+    bearer = {"Authorization": f"Bearer {running['a']}"}
+    answers: list[tuple[str, int, bytes]] = []
+
+    def post(client, path, data: bytes, headers=None):
+        req = urllib.request.Request(url + path, data=data, method="POST", headers=headers or {})
+        status, body = client._do(req)
+        answers.append((path, status, body))
+        return status
+
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    enc = urllib.parse.urlencode
+    # sign-in: forged, wrong token, right token (a fresh client)
+    assert post(anonymous, "/signin", enc({"pre": "x", "token": running["a"]}).encode(), form) == 403
+    walker = Client(url)
+    _, page = walker.get("/signin")
+    pre = re.search(rb'name="pre" value="([^"]+)"', page).group(1).decode()
+    assert post(walker, "/signin", enc({"pre": pre, "token": "sfc_wrong"}).encode(), form) == 401
+    assert post(walker, "/signin", enc({"pre": pre, "token": running["a"]}).encode(), form) == 303
+    assert post(anonymous, "/signout", b"", form) == 403
+    # the upload form: anonymous, without CSRF, invalid, accepted
+    csrf = _csrf(alpha)
+    assert post(anonymous, "/c/walk/submit", *_multipart({}, wrong)) == 401
+    assert post(alpha, "/c/walk/submit", *_multipart({}, wrong)) == 403
+    assert post(alpha, "/c/walk/submit", *_multipart({"csrf": csrf}, b"9\n" * 3)) == 422
+    assert post(alpha, "/c/walk/submit", *_multipart({"csrf": csrf, "description": "form"}, wrong[:-2] + b"2\n")) == 201
+    # finals: anonymous, another team's submission, its own
+    assert post(anonymous, "/c/walk/finals", enc({"final": a_id}).encode(), form) == 401
+    assert post(alpha, "/c/walk/finals", enc({"csrf": csrf, "final": bravo.id}).encode(), form) == 400
+    assert post(alpha, "/c/walk/finals", enc({"csrf": csrf, "final": a_id}).encode(), form) == 303
+    # the API: no token, invalid, accepted, over the limit (3 a week), finals
+    assert post(anonymous, "/api/c/walk/submissions", wrong) == 401
+    assert post(anonymous, "/api/c/walk/submissions", b"1\n", bearer) == 422
+    assert post(anonymous, "/api/c/walk/submissions", wrong[:-2] + b"3\n", bearer) == 201
+    assert post(anonymous, "/api/c/walk/submissions", wrong, bearer) == 429
+    assert post(anonymous, "/api/c/walk/finals", json.dumps({"ids": [bravo.id]}).encode(), bearer) == 403
+    assert post(anonymous, "/api/c/walk/finals", b"not json", bearer) == 400
+    assert post(anonymous, "/api/c/walk/finals", json.dumps({"ids": [a_id]}).encode(), bearer) == 200
+    post_routes = {r.path.replace("{slug}", "walk") for r in create_app(svc).routes if "POST" in (r.methods or set())}
+    assert {p for p, _, _ in answers} == post_routes  # every POST route answered
+    for path, status, body in answers:
+        assert status < 500, (path, body[:300])
+        bravo.check(body, held, f"POST {path} -> {status}")
+
+    svc.close("walk")  # the phase closes (the server reads the same database)
+    seen = set()
+    for route in create_app(svc).routes:
+        if "GET" not in (route.methods or set()):
+            continue
+        for sub_id in (a_id, bravo.id):
+            path = route.path.replace("{slug}", "walk").replace("{sub_id}", str(sub_id))
+            for who, client, headers in (("anonymous", anonymous, {}), ("alpha", alpha, {}),
+                                         ("alpha-token", anonymous, bearer)):
+                status, body = client.get(path, headers)
+                assert status < 500, (path, who, body[:300])
+                bravo.check(body, held, f"{who} GET {path} after the close")
+                seen.add((path, status))
+    assert ("/c/walk/private", 200) in seen and ("/c/walk/analysis", 200) in seen
+    assert ("/api/c/walk/leaderboard", 200) in seen
+    status, page = anonymous.get("/c/walk/private")
+    assert b"bravo" in page and b"alpha" in page  # the private board is there, with both teams' scores only
+    status, page = anonymous.get("/c/walk/analysis")
+    assert status == 200 and b"<svg" in page
+    status, body = anonymous.get("/api/c/walk/leaderboard?board=private")
+    assert status == 200 and {r["team"] for r in json.loads(body)["rows"]} == {"alpha", "bravo"}
+    bravo.check(body, held, "private board API after the close")
+
+
+def test_signing_out_needs_the_sessions_csrf_token(running):
+    url = running["url"]
+    alpha, bravo = Client(url), Client(url)
+    alpha.sign_in(running["a"])
+    bravo.sign_in(running["b"])
+    csrf = _csrf(alpha)
+    cookie = next(c.value for c in alpha.jar if c.name == "sf_session")
+    assert alpha.post("/signout", {})[0] == 403
+    assert alpha.post("/signout", {"csrf": "forged"})[0] == 403
+    assert bravo.post("/signout", {"csrf": csrf})[0] == 403  # another session's token does not sign bravo out
+    assert Client(url).post("/signout", {"csrf": csrf})[0] == 403  # nor anyone without the cookie
+    assert alpha.get("/c/walk/submit")[0] == 200 and bravo.get("/c/walk/submit")[0] == 200  # both still in
+    assert running["svc"].session(cookie) is not None
+    status, _ = alpha.post("/signout", {"csrf": csrf})
+    assert status == 303 and running["svc"].session(cookie) is None  # the session is gone on the server
+    assert alpha.get("/c/walk/submit")[0] == 303  # sent to the sign-in page
+    assert Client(url).get("/c/walk/submit", {"Cookie": f"sf_session={cookie}"})[0] == 303  # replayed: nobody
+    assert bravo.get("/c/walk/submit")[0] == 200
+
+
+def test_a_participant_submits_from_the_command_line_with_its_token(running, monkeypatch, capsys, tmp_path):
+    from challenge.cli import TOKEN_ENV
+    from pipeline.cli import main
+
+    url, held, svc = running["url"], running["held"], running["svc"]
+    good = tmp_path / "predictions.txt"
+    good.write_text("".join(f"{t}\n" for t in held.truth))
+    cmd = ["--store", running["store"], "challenge", "submit", "walk"]
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert main([*cmd, str(good), "--server", url]) == 2
+    assert TOKEN_ENV in capsys.readouterr().err
+    monkeypatch.setenv(TOKEN_ENV, running["a"])
+    assert main([*cmd, str(good), "--server", url, "--description", "from the command line"]) == 0
+    out = capsys.readouterr().out
+    m = re.fullmatch(r"submission (\d+): public top5_error 0\.0; 2 left in this window\n", out)
+    assert m, out
+    mine = svc.team_submissions("walk", svc.team_id("alpha"))
+    assert [(s["id"], s["description"]) for s in mine] == [(int(m.group(1)), "from the command line")]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("9\n7 1\n")
+    assert main([*cmd, str(bad), "--server", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 422: The submission was not scored and does not count against your limit.")
+    assert re.search(r"\n  line count \(1\): .+", err) and re.search(r"\n  index out of range \(\d\): .+", err)
+    assert svc.quota("walk", svc.team_id("alpha"))[0].used == 1  # the refused one did not count
+    monkeypatch.setenv(TOKEN_ENV, "sfc_" + "x" * 40)
+    assert main([*cmd, str(good), "--server", url]) == 2
+    assert "401: a team token is needed" in capsys.readouterr().err
+    monkeypatch.setenv(TOKEN_ENV, running["a"])
+    assert main([*cmd, str(good), "--server", f"http://127.0.0.1:{free_port()}"]) == 2  # nobody listening
+    err = capsys.readouterr().err
+    assert "cannot reach the challenge server" in err and running["a"] not in err
 
 
 def test_form_posts_need_the_sessions_csrf_token_and_tokens_stay_out_of_logs(running):

@@ -930,12 +930,15 @@ def plan_from_store(
     salt: str = "synsetforge",
     neardup: bool = True,
     cross_duplicates: CrossDuplicates | None = None,
+    fresh_test: bool = False,
 ) -> ReleasePlan:
     """The split a build with these options would make, per class; writes nothing."""
     policy = SplitPolicy(val_per_class, test_per_class, salt)
     if parent is not None:
         read_manifest(store, parent)
     parent_df = parent_splits(store, parent) if parent else None
+    if fresh_test:
+        parent_df = fresh_test_splits(parent_df, published_labels(store))
     synsets, _, _, plan = _decide(store, policy, parent_df, neardup=neardup, cross_duplicates=cross_duplicates)
     classes = class_splits(plan, synsets)
     return ReleasePlan(classes, plan.splits, plan.neardup_dropped, plan.kept_from_parent,
@@ -954,13 +957,16 @@ def _build_files(
     roots: Sequence[str],
     force: bool,
     what: str,
+    guard: Callable[[pa.Table], None] | None = None,
 ) -> Assembled:
-    """Decide the release, refuse it if a class would lack train or val images (unless `force`), and put its
-    four data files; returns everything but the tables."""
+    """Decide the release, refuse it if a class would lack train or val images (unless `force`) or if `guard`
+    refuses its labels (`HiddenLabelGuard`), and put its four data files; returns everything but the tables."""
     if inputs is not None:
         plan = plan_release(inputs.synsets, inputs.images, inputs.labels, policy, parent_df, neardup=neardup,
                             cross_duplicates=cross_duplicates)
         short = check_splits(class_splits(plan, inputs.synsets), policy, force=force, what=what)
+        if guard is not None:
+            guard(plan.labels)
         a = assemble(inputs, policy, plan=plan, roots=roots)
         for name in ("synsets", "images", "labels", "boxes"):
             pub.put(name, a.tables.pop(name))
@@ -970,6 +976,8 @@ def _build_files(
     synsets, narrow, images_pin, plan = _decide(store, policy, parent_df, neardup=neardup,
                                                 cross_duplicates=cross_duplicates)
     short = check_splits(class_splits(plan, synsets), policy, force=force, what=what)  # before any write
+    if guard is not None:
+        guard(plan.labels)
     methods = qc_methods(plan.labels)
     pub.put("labels", plan.labels)  # written in the background while boxes are read and filtered
     plan.labels = None
@@ -1030,10 +1038,15 @@ def build_release(
     local_roots: Sequence[str] = (),
     force: bool = False,
     challenge: bool = False,
+    fresh_test: bool = False,
 ) -> dict[str, Any]:
     """Build release `version` from the store's tables and publish it; return its manifest.
 
-    `challenge`: keep every test label out of the public release (`hide_test_labels` below).
+    `challenge`: keep every test label out of the public release (`HiddenTestPublisher` below). Any build is
+    refused (HiddenLabelLeak, nothing written) when it would publish a label that a challenge release of the
+    store hides, and a challenge build when it would hide as test images ones whose labels a release of the
+    store already published (`HiddenLabelGuard`). `fresh_test` (challenge builds): draw test images only from
+    images no release of the store has published with a label (`fresh_test_splits`).
 
     Quotas are counts or fractions in (0, 1) of each class's images. `local_roots`: collect roots that local
     file URLs are written relative to (else as file names). Raises ReleaseExists if the version is already
@@ -1048,17 +1061,23 @@ def build_release(
         if parent == version:
             raise ReleaseError(f"release {version!r} cannot be its own parent")
         read_manifest(store, parent)  # clear error when the parent does not exist
+    if fresh_test and not challenge:
+        raise ReleaseInputError("fresh_test (--fresh-test) is for challenge builds (--challenge): only their test "
+                                "images are hidden")
     policy = SplitPolicy(val_per_class, test_per_class, salt)
     parent_df = parent_splits(store, parent) if parent else None
+    guard = HiddenLabelGuard(store, version, challenge=challenge)
+    if fresh_test:
+        parent_df = fresh_test_splits(parent_df, guard.published)
     with _Publisher(store, prefix) as pub:
         out = HiddenTestPublisher(pub, store, version) if challenge else pub
         a = _build_files(store, out, policy, parent_df, neardup=neardup, cross_duplicates=cross_duplicates,
                          inputs=inputs, roots=collect_roots(store, local_roots), force=force,
-                         what=f"release {version!r}")
+                         what=f"release {version!r}", guard=guard)
         files = out.entries()
     files = {k: files[k] for k in RELEASE_TABLES if k in files}
     if challenge:
-        a.stats["challenge"] = out.stats
+        a.stats["challenge"] = {**out.stats, "fresh_test": fresh_test}
     splits, classes, dropped, kept, stats = a.splits, a.classes, a.neardup_dropped, a.kept_from_parent, a.stats
     created = (created_at or datetime.now(UTC)).astimezone(UTC)
     manifest = {
@@ -1196,3 +1215,156 @@ def _with_hidden_test(store: Store, version: str, df: pd.DataFrame) -> pd.DataFr
         return df
     ids = read_release_table(store, version, "test_images", manifest=manifest).column("image_id").to_pylist()
     return pd.concat([df, pd.DataFrame({"image_id": ids, "split": ["test"] * len(ids)})], ignore_index=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# No test label is ever published (ILSVRC never released its test labels, in any year's release). A store can
+# hold open releases (every label public) and challenge releases (test labels under private/). Two rules keep a
+# challenge's test labels out of every public file of the store, whatever order the releases are built in:
+#   1. a challenge build refuses to hide, as test images, images whose labels (or boxes, or DET labels) some
+#      release of the store already published: their labels are public, the challenge would not be blind;
+#   2. every build refuses to publish a label of an image that a challenge release of the store hides.
+# A challenge built on an open parent therefore needs test images the parent never published: build the open
+# release without a test split (`--test-per-class 0`), or add new images and pass `fresh_test`, which moves
+# published test images to val and draws the test split from the new ones only.
+
+
+class HiddenLabelLeak(ReleaseInputError):
+    """The build would put a hidden test label in a public file (or hide as test a label already public);
+    `images` are the image ids concerned. Nothing was written."""
+
+    def __init__(self, message: str, images: list[str]):
+        super().__init__(message)
+        self.images = images
+
+
+def _label_files(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The files of a release that pair an image with a class (labels, boxes, DET labels, ...)."""
+    out = []
+    for name, entry in sorted(manifest["files"].items()):
+        try:
+            names = arrow_schema(entry["schema"]).names
+        except (KeyError, FileNotFoundError, ValueError):  # a schema this code does not know: judge by the file
+            names = ["image_id", "wnid"]
+        if "image_id" in names and "wnid" in names:
+            out.append((name, entry))
+    return out
+
+
+def _release_file_columns(store: Store, version: str, entry: dict[str, Any], wanted: Sequence[str]) -> pa.Table:
+    key = f"{release_prefix(version)}/{entry['key']}"
+    source = pq.ParquetFile(str(store.path(key)) if isinstance(store, LocalStore) else pa.BufferReader(store.get(key)))
+    names = source.schema_arrow.names
+    if "image_id" not in names or "wnid" not in names:
+        return pa.table({c: pa.array([], pa.string()) for c in wanted})
+    table = source.read(columns=[c for c in wanted if c in names])
+    for c in wanted:
+        if c not in table.column_names:
+            table = table.append_column(c, pa.nulls(table.num_rows, pa.string()))
+    return table.select(list(wanted))
+
+
+def _releases(store: Store) -> list[tuple[str, dict[str, Any]]]:
+    from pipeline.release.manifest import list_releases
+
+    return [(v, read_manifest(store, v)) for v in list_releases(store)]
+
+
+def published_labels(store: Store, releases: list[tuple[str, dict[str, Any]]] | None = None) -> pd.DataFrame:
+    """Every image of the store whose class a release publishes: image_id, split (null where the file has
+    none, e.g. boxes), release, file. A challenge release's hidden test labels are not among them."""
+    parts = []
+    for version, manifest in (_releases(store) if releases is None else releases):
+        for name, entry in _label_files(manifest):
+            t = _release_file_columns(store, version, entry, ["image_id", "split"])
+            parts.append(pd.DataFrame({"image_id": _col(t, "image_id").astype(object),
+                                       "split": t.column("split").to_pylist(), "release": version, "file": name}))
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in ("image_id", "split", "release", "file")})
+    return pd.concat(parts, ignore_index=True)
+
+
+def hidden_test_images(store: Store, releases: list[tuple[str, dict[str, Any]]] | None = None) -> pd.DataFrame:
+    """The test images the store's challenge releases hide: image_id, release."""
+    parts = []
+    for version, manifest in (_releases(store) if releases is None else releases):
+        if "test_images" in manifest["files"]:
+            ids = read_release_table(store, version, "test_images", manifest=manifest).column("image_id")
+            parts.append(pd.DataFrame({"image_id": ids.to_numpy(zero_copy_only=False).astype(object),
+                                       "release": version}))
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in ("image_id", "release")})
+    return pd.concat(parts, ignore_index=True)
+
+
+def _overlap(ids: pa.Array | pa.ChunkedArray, others: pd.DataFrame) -> pd.DataFrame:
+    """Rows of `others` whose image_id is among `ids`."""
+    if not len(others) or not len(ids):
+        return others.iloc[:0]
+    hit = _mask(pc.is_in(pa.array(others.image_id.to_numpy(), pa.string()), value_set=pc.unique(ids)))
+    return others[hit]
+
+
+def _which(rows: pd.DataFrame) -> str:
+    by = rows.groupby("release").image_id.nunique().sort_index()
+    return ", ".join(f"{v!r} ({n})" for v, n in by.items())
+
+
+class HiddenLabelGuard:
+    """The two rules above, checked on a build's decided labels before anything is written."""
+
+    def __init__(self, store: Store, version: str, *, challenge: bool):
+        self.version, self.challenge = version, challenge
+        releases = _releases(store)
+        self.hidden = hidden_test_images(store, releases)
+        self.published = published_labels(store, releases) if challenge else None
+
+    def __call__(self, labels: pa.Table) -> None:
+        test = _mask(pc.equal(labels["split"], "test"))
+        public_ids = labels["image_id"].filter(pa.array(~test)) if self.challenge else labels["image_id"]
+        leaked = _overlap(public_ids, self.hidden)
+        if len(leaked):
+            n = leaked.image_id.nunique()
+            raise HiddenLabelLeak(
+                f"release {self.version!r} would publish the labels of {n} image{'s' if n != 1 else ''} that a "
+                f"challenge release hides as test images (hidden by {_which(leaked)}); build it with --challenge "
+                f"--parent {sorted(set(leaked.release))[-1]} instead (they stay hidden test images). Nothing was "
+                "written", sorted(set(leaked.image_id)))
+        if not self.challenge:
+            return
+        if not test.any():
+            raise ReleaseInputError(
+                f"challenge release {self.version!r} would have no test image (--test-per-class 0, or with "
+                "--fresh-test no image that no release of the store has published: collect new images first). "
+                "Nothing was written")
+        exposed = _overlap(labels["image_id"].filter(pa.array(test)), self.published)
+        if len(exposed):
+            n, n_test = exposed.image_id.nunique(), len(pc.unique(labels["image_id"].filter(pa.array(test))))
+            raise HiddenLabelLeak(
+                f"challenge release {self.version!r} would hide {n} of its {n_test} test images whose labels are "
+                f"already public (published by {_which(exposed)}: labels, boxes or DET labels), so anyone could "
+                "score themselves on the hidden test set. "
+                "Draw the test images from images no release published: build the challenge release without an "
+                "open --parent (its own public part publishes train and val), or from an open parent built with "
+                "--test-per-class 0, or add new images and pass --fresh-test (published test images then become "
+                "val images). Nothing was written", sorted(set(exposed.image_id)))
+
+
+def fresh_test_splits(parent_df: pd.DataFrame | None, published: pd.DataFrame) -> pd.DataFrame:
+    """Parent splits for a `fresh_test` challenge build: every image a release published with a label keeps a
+    split that is not test (the parent's, else val if it was published in val or test or in a file without
+    splits, else train; a published test image of the parent becomes a val image, whose label is public
+    anyway), so only images no release published can be drawn for test. A challenge parent's hidden test
+    images stay test (no release published their labels)."""
+    known = published[published.split.notna()]
+    held = set(known.image_id[known.split.isin(["val", "test"])])
+    known_ids = set(known.image_id)
+    ids = published.image_id.unique()
+    pub = pd.DataFrame({"image_id": ids, "split": ["val" if i in held or i not in known_ids else "train" for i in ids]})
+    base = parent_df if parent_df is not None else pd.DataFrame({"image_id": pd.Series(dtype=object),
+                                                                 "split": pd.Series(dtype=object)})
+    base = base.drop_duplicates("image_id")
+    is_pub = base.image_id.isin(set(pub.image_id))
+    base = base.assign(split=np.where(is_pub & (base.split == "test"), "val", base.split))
+    rest = pub[~pub.image_id.isin(set(base.image_id))]
+    return pd.concat([base, rest], ignore_index=True)

@@ -34,7 +34,8 @@ def _split_options(args: argparse.Namespace, settings: Settings) -> dict[str, An
     return {"parent": args.parent,
             "val_per_class": rs.val_per_class if args.val_per_class is None else args.val_per_class,
             "test_per_class": rs.test_per_class if args.test_per_class is None else args.test_per_class,
-            "salt": rs.split_salt, "neardup": rs.neardup_check and not args.no_neardup}
+            "salt": rs.split_salt, "neardup": rs.neardup_check and not args.no_neardup,
+            **({"fresh_test": True} if getattr(args, "fresh_test", False) else {})}
 
 
 def print_plan(plan: Any) -> None:
@@ -193,6 +194,9 @@ def register_cli(subparsers: Any) -> None:
     b.add_argument("--challenge", action="store_true",
                    help="hide the test labels: test images are listed without labels, their labels and boxes go under "
                         "private/releases/<version>/ for the challenge server")
+    b.add_argument("--fresh-test", action="store_true",
+                   help="with --challenge: draw the test images only from images no release of the store has "
+                        "published with a label (published test images of the parent become val images)")
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("verify", help="re-hash every file of a release against its manifest")

@@ -47,6 +47,7 @@ import pyarrow as pa
 
 from pipeline.release.build import (
     CANDIDATE_COLUMNS,
+    HiddenLabelGuard,
     _put_local_file,
     _put_remote_file,
     code_version,
@@ -224,6 +225,10 @@ def build_det_release(store: Store, version: str, *, parent: str | None = None, 
               "det_labels": pa.Table.from_pandas(det_labels, preserve_index=False),
               "boxes": pa.Table.from_pandas(boxes, preserve_index=False),
               "det_questions": store.read_table("det_questions")}
+    # no DET label of an image a challenge release hides as a test image (pipeline.release.build's rule 2)
+    HiddenLabelGuard(store, version, challenge=False)(pa.table({
+        "image_id": pa.array(det_labels["image_id"].tolist(), pa.string()),
+        "split": pa.array(det_labels["split"].tolist(), pa.string())}))
     files = {name: _put(store, prefix, name, t) for name, t in tables.items()}
     splits = {s: sum(1 for v in split.values() if v == s) for s in SPLIT_ORDER}
     per_class: dict[str, dict[str, int]] = {w: {s: 0 for s in SPLIT_ORDER} | {"boxes": 0} for w in classes}

@@ -108,6 +108,31 @@ def test_query_does_not_modify_index() -> None:
     assert {(a, b) for a, b in zip(q.tolist(), ids.tolist(), strict=True) if a == b} == {(i, i) for i in range(10)}
 
 
+def test_a_large_batch_searched_on_threads_finds_exactly_the_pairs_one_thread_finds(monkeypatch) -> None:
+    """A batch above PARALLEL_MIN_QUERIES is searched one chunk combination per thread: the same pairs, in the
+    same order, as one thread, and every planted near copy (Hamming distance <= radius) among them."""
+    import pipeline.ingest.neardup as nd
+
+    rng = np.random.default_rng(11)
+    stored = rng.integers(0, 2**62, 60_000, dtype=np.uint64)
+    index = HammingIndex(radius=6, n_hint=60_000, chunks=9)
+    index.add(stored)
+    flips = np.zeros(500, dtype=np.uint64)
+    for bit in range(4):  # four flipped bits each: within radius 6
+        flips |= np.uint64(1) << rng.integers(0, 64, 500).astype(np.uint64)
+    query = np.concatenate([rng.integers(0, 2**62, nd.PARALLEL_MIN_QUERIES + 5_000, dtype=np.uint64),
+                            stored[:500] ^ flips])
+    found = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(nd, "LOOKUP_THREADS", threads)
+        found[threads] = index.query(query)
+    assert all(np.array_equal(a, b) for a, b in zip(found[1], found[2], strict=True))
+    q_pos, ids = found[2]
+    planted = set(range(len(query) - 500, len(query)))
+    assert planted <= set(q_pos.tolist())
+    assert (np.bitwise_count(query[q_pos] ^ stored[ids]) <= 6).all()
+
+
 def test_bad_radius_is_refused() -> None:
     with pytest.raises(ValueError, match="radius"):
         HammingIndex(40)

@@ -213,7 +213,11 @@ def step_query(root: str, batch: int) -> dict:
     sorted_ = _sorted_hashes_counter()
     evicted = _evict(f"{root}/store")
     out = {"step": "query", "evict": evicted}
-    for phase in ("cold", "warm"):
+    import pipeline.ingest.neardup as nd
+
+    threads = nd.LOOKUP_THREADS
+    for phase in ("cold", "warm", "warm_one_thread"):  # the last: the same lookup on one thread, as before threads
+        nd.LOOKUP_THREADS = 1 if phase == "warm_one_thread" else threads
         t0, c0 = time.perf_counter(), time.process_time()
         sidx = StoredIndex(LocalStore(f"{root}/store"))
         idx = sidx.load(sidx.latest())
@@ -226,7 +230,8 @@ def step_query(root: str, batch: int) -> dict:
         queried = _usage(t0, c0, hashes_sorted=sorted_["hashes"], **_proc_rss())
         out[phase] = {"load": loaded, "query": queried, "pairs": len(pairs),
                       "planted_found": _planted_found(pairs, "query_image_id", "reference_image_id", src),
-                      "load_plus_query_s": round(loaded["wall_s"] + queried["wall_s"], 2)}
+                      "load_plus_query_s": round(loaded["wall_s"] + queried["wall_s"], 2), "threads": nd.LOOKUP_THREADS}
+    nd.LOOKUP_THREADS = threads
     before = sorted_["hashes"]
     t0, c0 = time.perf_counter(), time.process_time()
     idx = sidx.load(sidx.latest())
@@ -512,9 +517,9 @@ def main() -> int:
         print(f"stored index: {b['hashes']:,} hashes ({b['images']:,} images, segments {b['segments']}, chunks "
               f"{b['chunks']} = {b['combinations']} combinations, {b['write']['gb_on_disk']} GB), built (sorted) in "
               f"{b['build']['wall_s']} s + written in {b['write']['wall_s']} s")
-        for phase in ("cold", "warm"):
+        for phase in ("cold", "warm", "warm_one_thread"):
             x = q[phase]
-            print(f"lookup {phase}: {args.batch:,} images: load {x['load']['wall_s']} s ({x['load']['memory_mapped']} "
+            print(f"lookup {phase} ({x['threads']} thread(s)): {args.batch:,} images: load {x['load']['wall_s']} s ({x['load']['memory_mapped']} "
                   f"memory-mapped) + query {x['query']['wall_s']} s wall ({x['query']['cpu_s']} CPU s) = "
                   f"{x['load_plus_query_s']} s; planted copies found {x['planted_found']}/{q['planted']}; hashes "
                   f"sorted {x['query']['hashes_sorted']:,}; peak RSS {x['query']['peak_rss_mb']} MB (anon "

@@ -160,6 +160,65 @@ def _pruning(filter: Any) -> Any:
     return [[(c, op, list(v) if isinstance(v, set | frozenset) else v) for c, op, v in g] for g in groups]
 
 
+def _row_group_filter(filter: Any) -> list[list[tuple[str, list[Any]]]] | None:
+    """The equality part of a tuple filter, per OR-group: (column, sorted wanted values) for each `=` / `in`
+    conjunct; None when the filter is absent, an Expression, or has a group without one (nothing to prune on)."""
+    pruning = _pruning(filter)
+    if not pruning:
+        return None
+    out = []
+    for group in pruning:
+        eq = []
+        for column, op, value in group:
+            if op in ("=", "==", "in"):
+                values = [value] if op != "in" else list(value)
+                try:
+                    eq.append((column, sorted(set(values))))
+                except TypeError:  # values that do not sort together: leave this conjunct to the exact filter
+                    continue
+        if not eq:
+            return None
+        out.append(eq)
+    return out
+
+
+def _may_hold(stats: dict[str, Any], column: str, values: list[Any]) -> bool:
+    import bisect
+
+    st = stats.get(column)
+    if not st or st.get("min") is None or st.get("max") is None:
+        return True
+    try:
+        i = bisect.bisect_left(values, st["min"])
+        return i < len(values) and values[i] <= st["max"]
+    except TypeError:
+        return True
+
+
+def _pruned_fragments(fragments: list[Any], filter: Any) -> list[Any]:
+    """Each Parquet fragment cut to the row groups whose min/max statistics can hold a row an `=` / `in` conjunct
+    keeps (the scan's own filter still decides row by row): pyarrow's dataset scan does not skip row groups on an
+    `isin` of many strings, so a wnid filter read every row group of the files delta-rs kept."""
+    groups = _row_group_filter(filter)
+    if groups is None:
+        return fragments
+    out = []
+    for frag in fragments:
+        try:
+            frag.ensure_complete_metadata()
+            infos = frag.row_groups
+        except (AttributeError, OSError):  # not a Parquet fragment, or no footer to read: scan it whole
+            out.append(frag)
+            continue
+        keep = [rg.id for rg in infos
+                if any(all(_may_hold(rg.statistics or {}, c, v) for c, v in g) for g in groups)]
+        if len(keep) == len(infos):
+            out.append(frag)
+        elif keep:
+            out.append(frag.subset(row_group_ids=keep))
+    return out
+
+
 class Store(ABC):
     """What every backend offers. Subclasses implement the five blob primitives and say where Delta tables live."""
 
@@ -231,6 +290,7 @@ class Store(ABC):
 
         dataset = dt.to_pyarrow_dataset(file_pruning_predicate=_pruning(filter), filesystem=self._delta_filesystem(dt))
         fragments = sorted(dataset.get_fragments(), key=lambda f: f.path.rsplit("/", 1)[-1])
+        fragments = _pruned_fragments(fragments, filter)
         dataset = pads.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem)
         wanted = _check_columns(name, columns)
         return _conform(name, dataset.to_table(columns=wanted, filter=_expression(filter)), columns)

@@ -156,6 +156,33 @@ def test_append_adds_one_file_and_keeps_rows_in_write_order(store):
     assert [h["operation"] for h in store.table_history("votes")][:1] == ["WRITE"]
 
 
+def test_filtered_read_skips_row_groups_and_keeps_exactly_the_rows_the_filter_keeps(tmp_path, monkeypatch):
+    """A wnid filter reads only the row groups whose statistics can hold its values (pyarrow's scan alone reads
+    them all for an isin of strings), and returns the same rows, in the same order, as filtering a full read."""
+    import pipeline.store as store_mod
+
+    monkeypatch.setattr(store_mod, "ROW_GROUP_ROWS", 100)
+    store = LocalStore(tmp_path / "s")
+    frames = [votes_frame(range(i * 250, (i + 1) * 250), wnid=f"n{i:08d}") for i in range(12)]
+    store.append_table("votes", pd.concat(frames[:6], ignore_index=True))  # one file of 15 row groups
+    store.append_table("votes", pd.concat(frames[6:], ignore_index=True))
+    whole = store.read_table("votes").to_pandas()
+    for flt in ([("wnid", "in", ["n00000002", "n00000009"])], [("wnid", "=", "n00000011")],
+                [[("wnid", "in", {"n00000000"})], [("annotation_id", "in", [2999, 1500])]],
+                [("wnid", "in", ["n00000003"]), ("annotation_id", ">", 800)], [("wnid", "in", ["n99999999"])]):
+        got = store.read_table("votes", filter=flt).to_pandas()
+        expect = pa.Table.from_pandas(whole, preserve_index=False).filter(store_mod._expression(flt)).to_pandas()
+        pd.testing.assert_frame_equal(got.reset_index(drop=True), expect.reset_index(drop=True))
+    import pyarrow.dataset as pads
+
+    files = sorted(str(p) for p in (tmp_path / "s" / "tables" / "votes").glob("*.parquet"))
+    fragments = list(pads.dataset(files).get_fragments())
+    total = sum(f.num_row_groups for f in fragments)
+    kept = store_mod._pruned_fragments(fragments, [("wnid", "in", ["n00000002", "n00000009"])])
+    assert total == 30 and sum(f.num_row_groups for f in kept) == 6  # 250 rows of a synset: 3 groups of 100
+    assert store_mod._pruned_fragments(fragments, [("annotation_id", ">", 5)]) == fragments  # no = / in: all
+
+
 def test_append_unique_by_drops_known_and_repeated_keys(store):
     store.append_table("votes", votes_frame(range(0, 10)))
     added = store.append_table("votes", pd.concat([votes_frame([5, 10, 11]), votes_frame([11, 12])]),

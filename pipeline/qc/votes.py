@@ -57,9 +57,9 @@ class WorkerCodes:
 
 def _dict_ranks(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
     """Per row, the rank of its value among the column's distinct values (sorted), and those values."""
+    if isinstance(column, pa.ChunkedArray):  # one array first: unifying the dictionaries of many row groups costs
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)  # far more than a copy
     enc = pc.dictionary_encode(column)
-    if isinstance(enc, pa.ChunkedArray):
-        enc = enc.unify_dictionaries().combine_chunks() if enc.num_chunks else pa.array([], pa.dictionary(pa.int32(), pa.string()))
     dictionary = enc.dictionary
     order = pc.sort_indices(dictionary).to_numpy()
     rank = np.empty(len(order), dtype=np.int64)

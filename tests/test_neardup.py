@@ -118,7 +118,7 @@ def test_a_large_batch_searched_on_threads_finds_exactly_the_pairs_one_thread_fi
     index = HammingIndex(radius=6, n_hint=60_000, chunks=9)
     index.add(stored)
     flips = np.zeros(500, dtype=np.uint64)
-    for bit in range(4):  # four flipped bits each: within radius 6
+    for _ in range(4):  # four flipped bits each: within radius 6
         flips |= np.uint64(1) << rng.integers(0, 64, 500).astype(np.uint64)
     query = np.concatenate([rng.integers(0, 2**62, nd.PARALLEL_MIN_QUERIES + 5_000, dtype=np.uint64),
                             stored[:500] ^ flips])

@@ -20,6 +20,7 @@ converted on its first write (or by `synsetforge store migrate`).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import os
@@ -182,17 +183,21 @@ def _row_group_filter(filter: Any) -> list[list[tuple[str, list[Any]]]] | None:
     return out
 
 
-def _may_hold(stats: dict[str, Any], column: str, values: list[Any]) -> bool:
-    import bisect
-
-    st = stats.get(column)
-    if not st or st.get("min") is None or st.get("max") is None:
+def _may_hold(lo: Any, hi: Any, values: Sequence[Any]) -> bool:
+    """Whether a min/max range (None: no statistics) may hold one of `values` (sorted): files for delta-rs' add
+    actions, row groups for Parquet footers."""
+    if lo is None or hi is None:
         return True
     try:
-        i = bisect.bisect_left(values, st["min"])
-        return i < len(values) and values[i] <= st["max"]
-    except TypeError:
+        i = bisect.bisect_left(values, lo)
+        return i < len(values) and values[i] <= hi
+    except TypeError:  # values that do not compare with the statistics: it may hold them
         return True
+
+
+def _min_max(stats: dict[str, Any] | None, column: str) -> tuple[Any, Any]:
+    st = (stats or {}).get(column) or {}
+    return st.get("min"), st.get("max")
 
 
 def _pruned_fragments(fragments: list[Any], filter: Any) -> list[Any]:
@@ -211,7 +216,7 @@ def _pruned_fragments(fragments: list[Any], filter: Any) -> list[Any]:
             out.append(frag)
             continue
         keep = [rg.id for rg in infos
-                if any(all(_may_hold(rg.statistics or {}, c, v) for c, v in g) for g in groups)]
+                if any(all(_may_hold(*_min_max(rg.statistics, c), v) for c, v in g) for g in groups)]
         if len(keep) == len(infos):
             out.append(frag)
         elif keep:
@@ -804,22 +809,14 @@ def _cuts(column: pa.ChunkedArray, rows_per_file: int) -> list[int]:
 
 def _files_holding(dt: Any, column: str, values: pa.Array) -> list[str]:
     """Data files of the snapshot whose min/max statistics of `column` may hold one of `values` (sorted)."""
-    import numpy as np
-
     actions = pa.table(dt.get_add_actions(flatten=True))
     paths = actions.column("path").to_pylist()
     lo_name, hi_name = f"min.{column}", f"max.{column}"
     if lo_name not in actions.column_names or not len(paths):
         return paths
-    lo = actions.column(lo_name).to_pylist()
-    hi = actions.column(hi_name).to_pylist()
-    vals = np.array(values.to_pylist(), dtype=object)
-    out = []
-    for p, a, b in zip(paths, lo, hi, strict=True):
-        i = int(np.searchsorted(vals, a, side="left")) if a is not None and len(vals) else 0
-        if a is None or b is None or (i < len(vals) and vals[i] <= b):  # no statistics: it may hold them
-            out.append(p)
-    return out
+    vals = values.to_pylist()
+    return [p for p, a, b in zip(paths, actions.column(lo_name).to_pylist(), actions.column(hi_name).to_pylist(),
+                                 strict=True) if _may_hold(a, b, vals)]
 
 
 def _key_frame(table: pa.Table, keys: list[str]) -> Any:

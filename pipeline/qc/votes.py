@@ -90,21 +90,21 @@ def _keep_latest(group: np.ndarray, *order_keys: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _pair_union(voted: pd.DataFrame, extra: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
-    """The distinct pairs of `voted` and `extra` (wnid, image_id), sorted by (wnid, image_id), and each `voted`
-    row's position among them: strings ranked through Arrow dictionaries, pairs deduplicated as int64 keys (pandas'
-    drop_duplicates and MultiIndex on a million string pairs cost seconds)."""
-    def strings(col: str) -> pa.Array:
-        return pa.concat_arrays([pa.array(voted[col].to_numpy(dtype=object), pa.string()),
+def _pair_union(wnid: pa.Array, image: pa.Array, extra: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+    """The distinct pairs of the voted (`wnid`, `image`) and `extra` (wnid, image_id), sorted by (wnid, image_id),
+    and each voted pair's position among them: strings ranked through Arrow dictionaries, pairs deduplicated as
+    int64 keys (pandas' drop_duplicates and MultiIndex on a million string pairs cost seconds)."""
+    def strings(voted: pa.Array, col: str) -> pa.Array:
+        return pa.concat_arrays([voted.cast(pa.string()),
                                  pa.array(extra[col].astype(str).to_numpy(dtype=object), pa.string())])
 
-    w_rank, w_vals = _dict_ranks(strings("wnid"))
-    i_rank, i_vals = _dict_ranks(strings("image_id"))
+    w_rank, w_vals = _dict_ranks(strings(wnid, "wnid"))
+    i_rank, i_vals = _dict_ranks(strings(image, "image_id"))
     n_img = max(len(i_vals), 1)
     keys, inverse = np.unique(w_rank * n_img + i_rank, return_inverse=True)
     pairs = pd.DataFrame({"wnid": w_vals.take(pa.array(keys // n_img)).to_numpy(zero_copy_only=False),
                           "image_id": i_vals.take(pa.array(keys % n_img)).to_numpy(zero_copy_only=False)})
-    return pairs, inverse[:len(voted)].astype(np.int64)
+    return pairs, inverse[:len(wnid)].astype(np.int64)
 
 
 @dataclass
@@ -165,23 +165,21 @@ class _Coded:
         np.maximum.at(newest, self.w_local[sel], self.sub[sel])
         return self.w_global, newest
 
-    def block(self, idx: np.ndarray, extra_pairs: pd.DataFrame | None, rows: np.ndarray | None = None
-              ) -> tuple[Block, np.ndarray, np.ndarray]:
-        """The Block of the counted rows `idx` (`rows`: the rows read, for last_vote), with its voted pair keys
-        (sorted) and each key's task code."""
-        n_img = len(self.images)
+    def block(self, idx: np.ndarray, extra_pairs: pd.DataFrame | None) -> tuple[Block, np.ndarray, np.ndarray]:
+        """The Block of the counted rows `idx`, with its voted pair keys (sorted) and each key's task code."""
+        n_img = max(len(self.images), 1)
         voted_key, voted_inv = np.unique(self.pair_key[idx], return_inverse=True)
-        voted = pd.DataFrame({"wnid": self.wnids.take(pa.array(voted_key // max(n_img, 1))).to_numpy(zero_copy_only=False),
-                              "image_id": self.images.take(pa.array(voted_key % max(n_img, 1))).to_numpy(zero_copy_only=False)})
-        if not len(voted):
-            voted = pd.DataFrame({"wnid": pd.Series(dtype=object), "image_id": pd.Series(dtype=object)})
-        key_task = np.arange(len(voted_key), dtype=np.int64)
-        pairs = voted
+        wnid = self.wnids.take(pa.array(voted_key // n_img))
+        image = self.images.take(pa.array(voted_key % n_img))
         if extra_pairs is not None and len(extra_pairs):
-            pairs, key_task = _pair_union(voted, extra_pairs)
+            pairs, key_task = _pair_union(wnid, image, extra_pairs)
+        else:
+            pairs = pd.DataFrame({"wnid": wnid.to_numpy(zero_copy_only=False).astype(object),
+                                  "image_id": image.to_numpy(zero_copy_only=False).astype(object)})
+            key_task = np.arange(len(voted_key), dtype=np.int64)
         block = Block(pairs=pairs.reset_index(drop=True), task=key_task[voted_inv].astype(np.int64),
                       worker=self.w_global[self.w_local[idx]], label=self.label[idx], annotation_id=self.aid[idx],
-                      submitted_at=self.sub[idx], last_vote=self.last_vote(rows))
+                      submitted_at=self.sub[idx], last_vote=self.last_vote(None))
         return block, voted_key, key_task
 
 

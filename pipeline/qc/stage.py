@@ -616,6 +616,13 @@ def _margin_of(store: Any, last: Round, read: dict[str, Any]) -> pa.Table | None
     return read["margin"]
 
 
+def _synsets_before(store: Any, last: Round, read: dict[str, Any]) -> pd.DataFrame:
+    """qc_synsets as the last done round left it (read once per round)."""
+    if "qc_synsets" not in read:
+        read["qc_synsets"] = _read(store, "qc_synsets", SYNSET_COLUMNS, version=int(last.synsets_version))
+    return read["qc_synsets"]
+
+
 def _images_to_redecide(store: Any, last: Round, changes: Changes, asked: pd.DataFrame, synsets: list[str],
                         read: dict[str, Any]) -> np.ndarray:
     """The images whose pairs in `synsets` a pairwise round re-decides: those with new votes, new gold or pushed
@@ -671,9 +678,9 @@ def _redecide(store: Any, settings: Any, method: str, asked: pd.DataFrame, last:
     flt = [("wnid", "in", synsets)]
     votes = _votes_of(store, synsets, read)
     state = _read(store, "qc_pairs", STATE_COLUMNS, version=int(last.pairs_version), filter=flt)
-    before = _read(store, "qc_synsets", SYNSET_COLUMNS, version=int(last.synsets_version))
     if _pairwise_ok(settings, method) and not set(synsets) <= set(whole):
         # a synset decided with a small team may hold small-team labels a grown team reopens: all of it again
+        before = _synsets_before(store, last, read)
         had_team = before.loc[before["wnid"].isin(synsets) & (before[TEAM_COUNTS].sum(axis=1) > 0), "wnid"]
         whole_arr = np.array(sorted(set(whole) | set(had_team)), dtype=object)
         images = _images_to_redecide(store, last, changes, asked, synsets, read)
@@ -809,7 +816,7 @@ def _incremental_round(store: Any, settings: Any, method: str, digest: str, aske
     if done is None:
         return _full_round(store, settings, method, digest, asked, last, number, versions,
                            "qc_pairs does not match the votes it was computed from", t0, None)
-    before = _read(store, "qc_synsets", SYNSET_COLUMNS, version=int(last.synsets_version))
+    before = _synsets_before(store, last, read)
     synset_rows = pd.concat([before[~before["wnid"].isin(synsets)], done.decided.synsets], ignore_index=True)
     synset_rows = synset_rows.sort_values("wnid", kind="stable").reset_index(drop=True)
     _append_round(store, _round_row(number, "started", "incremental", why, method, digest, versions, synsets))

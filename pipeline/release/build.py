@@ -54,6 +54,7 @@ from pipeline.release.manifest import (
     read_manifest,
     read_release_table,
     release_exists,
+    release_file_source,
     release_prefix,
     validate_manifest,
 )
@@ -1252,8 +1253,7 @@ def _label_files(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _release_file_columns(store: Store, version: str, entry: dict[str, Any], wanted: Sequence[str]) -> pa.Table:
-    key = f"{release_prefix(version)}/{entry['key']}"
-    source = pq.ParquetFile(str(store.path(key)) if isinstance(store, LocalStore) else pa.BufferReader(store.get(key)))
+    source = pq.ParquetFile(release_file_source(store, version, entry))
     names = source.schema_arrow.names
     if "image_id" not in names or "wnid" not in names:
         return pa.table({c: pa.array([], pa.string()) for c in wanted})

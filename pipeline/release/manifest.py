@@ -132,16 +132,21 @@ def read_release_table(store: Store, version: str, name: str, *, manifest: dict[
         entry = manifest["files"][name]
     except KeyError:
         raise ReleaseError(f"release {version!r} has no table {name!r}; it has {sorted(manifest['files'])}") from None
-    key = f"{release_prefix(version)}/{entry['key']}"
-    if isinstance(store, LocalStore):  # read the file in place (memory-mapped), no copy into Python bytes
-        if not store.exists(key):
-            raise ReleaseError(f"release {version!r}: {store.url}/{key} is missing; run `synsetforge release verify`")
-        table = pq.read_table(store.path(key), memory_map=True)
-    else:
-        table = pq.read_table(pa.BufferReader(store.get(key)))
+    table = pq.read_table(release_file_source(store, version, entry), memory_map=True)
     if entry["schema_version"] == _current_schema_version(entry["schema"]):
         table = validate(entry["schema"], table)
     return table
+
+
+def release_file_source(store: Store, version: str, entry: dict[str, Any]) -> Any:
+    """What pyarrow reads a release file (a manifest `files` entry) from: its path on a folder (read in place,
+    memory-mapped, no copy into Python bytes), else its bytes."""
+    key = f"{release_prefix(version)}/{entry['key']}"
+    if isinstance(store, LocalStore):
+        if not store.exists(key):
+            raise ReleaseError(f"release {version!r}: {store.url}/{key} is missing; run `synsetforge release verify`")
+        return str(store.path(key))
+    return pa.BufferReader(store.get(key))
 
 
 def _current_schema_version(name: str) -> int | None:

@@ -53,7 +53,6 @@ def fresh_views(store: Store, per_class: int = FRESH_PER_CLASS, seed: int = 0,
     add to the input tables: images, labels (accepted, method `organisers`), boxes and candidates."""
     from pipeline.demo_corpus import DEMO_SYNSETS, LICENSES, SKIMAGE_DOCS, View, _coin_box, _render, load_photo
     from pipeline.ingest.validate import ValidateConfig, validate_image
-    from pipeline.release.synthetic import fill_schema
 
     synsets = DEMO_SYNSETS if synsets is None else synsets
     existing = store.read_table("images") if store.has_table("images") else None
@@ -92,13 +91,11 @@ def fresh_views(store: Store, per_class: int = FRESH_PER_CLASS, seed: int = 0,
         rows = [{"image_id": m["v"].image_id, "width": m["v"].width, "height": m["v"].height, "format": m["v"].format,
                  "n_bytes": len(m["v"].stored), **m["v"].features} for m in made]
         keep = _not_near_copies(rows, existing)
-        for m in [m for m, ok in zip(made, keep, strict=True) if ok][:per_class]:
+        for m, row in [(m, row) for m, row, ok in zip(made, rows, keep, strict=True) if ok][:per_class]:
             v = m["v"]
             key = store.put_content(v.stored, ".jpg")
             url = f"{SKIMAGE_DOCS}{Path(syn.photo).stem}#crop={','.join(map(str, m['rect']))}"
-            images.append({"image_id": v.image_id, "width": v.width, "height": v.height, "format": v.format,
-                           "n_bytes": len(v.stored), "storage_key": key, "first_url": url, "status": "accepted",
-                           "reject_reason": None, **v.features})
+            images.append({**row, "storage_key": key, "first_url": url, "status": "accepted", "reject_reason": None})
             labels.append({"image_id": v.image_id, "wnid": syn.wnid, "status": "accepted", "n_votes": 0, "n_yes": 0,
                            "confidence": 1.0, "method": FRESH_METHOD})
             boxes.append({"box_id": f"{v.image_id[:16]}-{syn.wnid}-0", "image_id": v.image_id, "wnid": syn.wnid,
@@ -114,12 +111,16 @@ def fresh_views(store: Store, per_class: int = FRESH_PER_CLASS, seed: int = 0,
         if len([r for r in labels if r["wnid"] == syn.wnid]) < per_class:
             raise RuntimeError(f"only {sum(r['wnid'] == syn.wnid for r in labels)} fresh views of {syn.photo}")
 
-    def table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
-        cols = {c: [r.get(c) for r in rows] for c in dict.fromkeys(k for r in rows for k in r)}
-        return fill_schema(name, cols, len(rows))
+    return {"images": _rows_table("images", images), "labels": _rows_table("labels", labels),
+            "boxes": _rows_table("boxes", boxes), "candidates": _rows_table("candidates", candidates)}
 
-    return {"images": table("images", images), "labels": table("labels", labels), "boxes": table("boxes", boxes),
-            "candidates": table("candidates", candidates)}
+
+def _rows_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts) as table `name`, the schema's other columns filled (`fill_schema`)."""
+    from pipeline.release.synthetic import fill_schema
+
+    cols = {c: [r.get(c) for r in rows] for c in dict.fromkeys(k for r in rows for k in r)}
+    return fill_schema(name, cols, len(rows))
 
 
 def _photometric(img: Any, rng: random.Random) -> Any:
@@ -135,10 +136,8 @@ def _not_near_copies(rows: list[dict[str, Any]], existing: pa.Table | None) -> l
     if existing is None or not rows:
         return [True] * len(rows)
     from pipeline.ingest.neardup import cross_duplicates
-    from pipeline.release.synthetic import fill_schema
 
-    cols = {c: [r.get(c) for r in rows] for c in rows[0]}
-    query = fill_schema("images", {**cols, "status": ["accepted"] * len(rows)}, len(rows))
+    query = _rows_table("images", [{**r, "status": "accepted"} for r in rows])
     ref = existing.filter(pa.compute.equal(existing["status"], "accepted"))
     ref = ref.filter(pa.compute.is_valid(ref["image_id"]))
     pairs = cross_duplicates(query, ref)
